@@ -1,0 +1,1 @@
+"""fftrainer_ds"""

@@ -1,0 +1,50 @@
+"""Build fftrainer_ds and its native module fftrainer_ds._C.
+
+Install torch first, then `pip install --no-build-isolation -e .` (a build-isolated install would
+fetch another torch into the build environment). FFTRAINER_BUILD_CUDA=0|1 forces the CUDA kernels
+off or on; by default they are built when torch is a CUDA build and nvcc is found.
+"""
+import os
+
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+CSRC = "csrc"
+CXX_FLAGS = ["-O3", "-std=c++17"]
+
+
+def want_cuda() -> bool:
+    flag = os.environ.get("FFTRAINER_BUILD_CUDA")
+    if flag is not None:
+        if flag not in ("0", "1"):
+            raise SystemExit(f"FFTRAINER_BUILD_CUDA must be 0 or 1, got {flag!r}")
+        return flag == "1"
+    import torch
+
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def native_extension():
+    sources = [f"{CSRC}/bindings.cpp", f"{CSRC}/pack_cpu.cpp"]
+    if want_cuda():
+        sources += [f"{CSRC}/pack_kernels.cu", f"{CSRC}/cuda_glue.cpp"]
+        return cpp_extension.CUDAExtension(
+            "fftrainer_ds._C", sources,
+            define_macros=[("FFTRAINER_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+        )
+    return cpp_extension.CppExtension("fftrainer_ds._C", sources, extra_compile_args=CXX_FLAGS)
+
+
+setup(
+    name="fftrainer_ds",
+    version="0.1.0",
+    description="Fast failover for DeepSpeed training: per-step snapshots, shadow replicas, in-place recovery",
+    packages=find_packages(include=["fftrainer_ds", "fftrainer_ds.*"]),
+    package_data={"fftrainer_ds": ["_C.pyi", "py.typed"]},
+    ext_modules=[native_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "deepspeed>=0.19,<0.20", "pydantic>=2", "numpy"],
+    entry_points={"console_scripts": ["fftrainer-launch=fftrainer_ds.launch:main"]},
+)
