@@ -1,1 +1,56 @@
-"""fftrainer_ds"""
+"""fftrainer_ds: fast failover for DeepSpeed training.
+
+Use `fftrainer_ds.initialize(...)` in place of `deepspeed.initialize(...)`: same arguments, same
+4-tuple, and an engine (`FailoverEngine`, a `DeepSpeedEngine` subclass) configured by the
+`"fast_failover"` section of the DeepSpeed config.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from .config import FastFailoverConfig, parse_config
+from .errors import ConfigError, FailoverError, RecoverableError, SnapshotError, TerminalError
+
+__version__ = "0.1.0"
+__all__ = ["initialize", "FastFailoverConfig", "parse_config", "ConfigError", "FailoverError",
+           "RecoverableError", "SnapshotError", "TerminalError", "FailoverEngine"]
+
+
+def initialize(args: Any = None, model=None, optimizer=None, model_parameters=None, training_data=None,
+               lr_scheduler=None, distributed_port: Optional[int] = None, mpu=None,
+               dist_init_required: Optional[bool] = None, collate_fn=None, config=None, mesh_param=None,
+               config_params=None):
+    """Drop-in for `deepspeed.initialize`: returns (engine, optimizer, training_dataloader, lr_scheduler)."""
+    import deepspeed
+    from deepspeed.constants import TORCH_DISTRIBUTED_DEFAULT_PORT
+    from deepspeed.pipe import PipelineModule
+
+    from . import ds_adapter
+    from .engine import FailoverEngine
+
+    if model is None:
+        raise ValueError("fftrainer_ds.initialize requires a model")
+    port = TORCH_DISTRIBUTED_DEFAULT_PORT if distributed_port is None else distributed_port
+    cfg_dict = ds_adapter.load_config_dict(args, config, config_params)
+    ff = parse_config(cfg_dict)  # fail fast on a bad section, before any process group work
+    if isinstance(model, PipelineModule):
+        if ff.enabled:
+            raise ConfigError("fast_failover: pipeline parallelism is not supported; set \"enabled\": false")
+        return deepspeed.initialize(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+                                    training_data=training_data, lr_scheduler=lr_scheduler, distributed_port=port,
+                                    mpu=mpu, dist_init_required=dist_init_required, collate_fn=collate_fn,
+                                    config=cfg_dict)
+    engine = ds_adapter.build_engine(FailoverEngine, args=args, model=model, optimizer=optimizer,
+                                     model_parameters=model_parameters, training_data=training_data,
+                                     lr_scheduler=lr_scheduler, distributed_port=port, mpu=mpu,
+                                     dist_init_required=dist_init_required, collate_fn=collate_fn, config=cfg_dict,
+                                     mesh_param=mesh_param)
+    return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
+
+
+def __getattr__(name: str):
+    if name == "FailoverEngine":  # lazy: importing deepspeed costs seconds
+        from .engine import FailoverEngine
+
+        return FailoverEngine
+    raise AttributeError(name)

@@ -1,0 +1,74 @@
+"""Rank bodies for the snapshot tests (run in real processes by fftrainer_ds.testing.run_ranks)."""
+import hashlib
+import os
+
+import torch
+import torch.distributed as dist
+
+import fftrainer_ds
+from fftrainer_ds import ds_adapter
+from fftrainer_ds.testing import worker_init_process_group
+from fftrainer_ds.testing.models import TinyGPT, TokenDataset, ds_config
+
+
+def _engine(stage, dtype, grad_accum, ff):
+    ds_adapter.skip_shm_comm_build()
+    worker_init_process_group()
+    torch.manual_seed(0)
+    model = TinyGPT(dropout=0.1)
+    cfg = ds_config(stage, dtype, grad_accum=grad_accum, fast_failover=ff)
+    engine, _, loader, _ = fftrainer_ds.initialize(model=model, model_parameters=model.parameters(),
+                                                   training_data=TokenDataset(), config=cfg)
+    return engine, loader
+
+
+def _digest(engine):
+    """sha256 of this rank's fp32 shard + optimizer state + low-precision params."""
+    h = hashlib.sha256()
+    ref = engine.latest_snapshot()
+    from fftrainer_ds.snapshot.format import read_snapshot
+
+    snap = read_snapshot(ref.buffer)
+    for seg in snap.segments:
+        if seg.name != "meta":
+            h.update(bytes(snap.segment_bytes(seg).numpy()))
+    ref.release()
+    for t in ds_adapter.local_param_tensors(engine):
+        h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _train(engine, it, until):
+    """The documented user loop; returns {global_step: [micro-batch losses]}."""
+    losses = {}
+    while engine.global_steps < until:
+        step = engine.global_steps + 1
+        loss = engine(next(it))
+        engine.backward(loss)
+        engine.step()
+        losses.setdefault(step, []).append(loss.item())
+    return losses
+
+
+def train_with_snapshot(stage, dtype="fp32", grad_accum=1, steps=20, snap_step=10, snap_dir=None, ff=None):
+    engine, loader = _engine(stage, dtype, grad_accum, ff if ff is not None else {})
+    it = iter(loader)
+    losses = _train(engine, it, snap_step)
+    engine.persist(snap_dir)
+    engine.wait_persisted()
+    losses.update(_train(engine, it, steps))
+    out = {"losses": losses, "digest": _digest(engine), "stats": engine.snapshot_stats()}
+    engine.destroy()
+    dist.destroy_process_group()
+    return out
+
+
+def resume_from(stage, dtype="fp32", grad_accum=1, steps=20, snap_dir=None, ff=None):
+    engine, loader = _engine(stage, dtype, grad_accum, ff if ff is not None else {})
+    step = engine.restore(snap_dir)
+    losses = _train(engine, iter(loader), steps)
+    out = {"restored_step": step, "losses": losses, "digest": _digest(engine)}
+    engine.destroy()
+    dist.destroy_process_group()
+    return out
+
