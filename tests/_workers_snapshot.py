@@ -72,3 +72,54 @@ def resume_from(stage, dtype="fp32", grad_accum=1, steps=20, snap_dir=None, ff=N
     dist.destroy_process_group()
     return out
 
+
+
+def make_snapshots(stage, snap_dir, steps=3, dtype="fp32"):
+    """Train a few steps and persist: real snapshots for the reader tests."""
+    engine, loader = _engine(stage, dtype, 1, {})
+    _train(engine, iter(loader), steps)
+    engine.persist(snap_dir)
+    engine.destroy()
+    dist.destroy_process_group()
+    return True
+
+
+def restore_error(stage, snap_dir, model_d=64, dtype="fp32"):
+    """Try to restore into a possibly different job; return the error text (None if it loaded)."""
+    ds_adapter.skip_shm_comm_build()
+    worker_init_process_group()
+    torch.manual_seed(0)
+    model = TinyGPT(d=model_d)
+    cfg = ds_config(stage, dtype, fast_failover={})
+    engine, _, _, _ = fftrainer_ds.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    try:
+        engine.restore(snap_dir)
+        msg = None
+    except fftrainer_ds.SnapshotError as exc:
+        msg = str(exc)
+    engine.destroy()
+    dist.destroy_process_group()
+    return msg
+
+
+def plain_vs_disabled(stage, use_ff, steps=6):
+    """Losses and digest of plain deepspeed.initialize vs fftrainer_ds.initialize with the section disabled."""
+    import deepspeed
+
+    ds_adapter.skip_shm_comm_build()
+    worker_init_process_group()
+    torch.manual_seed(0)
+    model = TinyGPT()
+    cfg = ds_config(stage, fast_failover={"enabled": False} if use_ff else None)
+    init = fftrainer_ds.initialize if use_ff else deepspeed.initialize
+    engine, _, loader, _ = init(model=model, model_parameters=model.parameters(), training_data=TokenDataset(),
+                                config=cfg)
+    losses = _train(engine, iter(loader), steps)
+    h = hashlib.sha256()
+    for t in ds_adapter.local_param_tensors(engine):
+        h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    out = {"losses": losses, "params": h.hexdigest(), "cls": type(engine).__name__,
+           "is_ds": isinstance(engine, deepspeed.DeepSpeedEngine)}
+    engine.destroy()
+    dist.destroy_process_group()
+    return out

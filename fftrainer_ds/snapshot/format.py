@@ -165,6 +165,8 @@ def read_snapshot(buf: BufferLike, source: str = "<memory>", verify: bool = True
         raise SnapshotError(f"{source}: header checksum mismatch (corrupt prefix or manifest)")
     if n < payload_off + payload_len:
         raise SnapshotError(f"{source}: truncated snapshot ({n} bytes, header says {payload_off + payload_len})")
+    if n > payload_off + payload_len:
+        raise SnapshotError(f"{source}: {n - payload_off - payload_len} unexpected bytes after the payload")
     try:
         doc = json.loads(manifest)
         segs = [SegmentInfo(s["name"], s["dtype"], tuple(s["shape"]), int(s["offset"]), int(s["nbytes"]),
@@ -174,9 +176,18 @@ def read_snapshot(buf: BufferLike, source: str = "<memory>", verify: bool = True
         raise SnapshotError(f"{source}: malformed manifest ({exc})") from None
     parsed = ParsedSnapshot(step, gen, rank, world, stage, fingerprint, dtype_config, segs,
                             data[:payload_off + payload_len], payload_off)
+    # Every byte is covered: padding (after the manifest, between segments) must be zero.
+    gaps, end = [(PREFIX.size + manifest_len, payload_off)], 0
     for seg in segs:
-        if seg.dtype not in _DTYPES or seg.offset < 0 or seg.offset + seg.nbytes > payload_len:
-            raise SnapshotError(f"{source}: segment {seg.name!r} lies outside the payload or has a bad dtype")
+        if seg.dtype not in _DTYPES or seg.offset < end or seg.offset + seg.nbytes > payload_len:
+            raise SnapshotError(f"{source}: segment {seg.name!r} overlaps another, lies outside the payload "
+                                f"or has a bad dtype")
+        gaps.append((payload_off + end, payload_off + seg.offset))
+        end = seg.offset + seg.nbytes
+    for lo, hi in gaps:
+        if hi > lo and bool(data[lo:hi].any()):
+            raise SnapshotError(f"{source}: non-zero padding bytes at offsets {lo}..{hi} (corrupt snapshot)")
+    for seg in segs:
         if verify:
             got = ops.checksum(parsed.segment_bytes(seg), backend)
             if got != seg.checksum:
