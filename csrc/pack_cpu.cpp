@@ -25,8 +25,12 @@ struct Parts {
 inline uint64_t mod_p(uint64_t x) { return x % P; }
 
 // Sums over words [first_word, first_word + n) read from src (already 4-byte complete), and
-// optionally stores them to dst: one pass, data stays in registers.
-inline Parts block_sums(const uint32_t* src, uint32_t* dst, uint64_t n, uint64_t first_word) {
+// optionally stores them to dst: one pass, data stays in registers. Cloned for AVX2 so a
+// portable build still runs the wide version where the CPU has it.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+Parts block_sums(const uint32_t* src, uint32_t* dst, uint64_t n, uint64_t first_word) {
   Parts out;
   for (uint64_t base = 0; base < n; base += kBlockWords) {
     const uint64_t len = std::min(kBlockWords, n - base);

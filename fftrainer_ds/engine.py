@@ -32,6 +32,7 @@ class FailoverEngine(DeepSpeedEngine):
         self._ff: Optional[Snapshotter] = None
         self._persister = Persister()
         self.step_times_s: list = []
+        self.snapshots_paused = False  # benchmarks pair steps with and without snapshots
         self._last_step_end: Optional[float] = None
         if self.ff_config.enabled:
             self._ff_setup()
@@ -76,6 +77,8 @@ class FailoverEngine(DeepSpeedEngine):
         return out
 
     def _snapshot_due(self) -> bool:
+        if self.snapshots_paused:
+            return False
         interval = self.ff_config.snapshot_interval_steps
         interval = 1 if interval == "auto" else interval  # CPU: packing overlaps; GPU policy in interval.py
         return self.global_steps % interval == 0
