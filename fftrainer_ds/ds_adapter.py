@@ -37,9 +37,7 @@ def build_engine(engine_cls, *, args, model, optimizer, model_parameters, traini
                           distributed_port=distributed_port, dist_init_required=dist_init_required)
     if mesh_param:
         raise NotImplementedError("fast_failover does not support mesh_param (sequence parallelism) yet")
-    ds.merge_tp_model_init_into_config(config, mpu, mesh_param, dist)
-    config_class = DeepSpeedConfig(config, mpu)
-    ds.set_optimizer_flags(config_class, model)
+    config_class = _config_class(config, mpu, model)
     if config_class.hybrid_engine.enabled:
         raise NotImplementedError("fast_failover does not support the hybrid engine")
     engine = engine_cls(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
@@ -49,6 +47,17 @@ def build_engine(engine_cls, *, args, model, optimizer, model_parameters, traini
     zero.partition_parameters.restore_init_context()
     engine._configure_python_gc()
     return engine
+
+
+def _config_class(config: Dict[str, Any], mpu, model):
+    import deepspeed as ds
+    from deepspeed import comm as dist
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    ds.merge_tp_model_init_into_config(config, mpu, None, dist)
+    config_class = DeepSpeedConfig(config, mpu)
+    ds.set_optimizer_flags(config_class, model)
+    return config_class
 
 
 def load_config_dict(args, config, config_params) -> Dict[str, Any]:
@@ -145,6 +154,50 @@ def local_param_tensors(engine) -> List[torch.Tensor]:
     if zero_stage(engine) == 3:
         return [p.ds_tensor.detach() for p in engine.module.parameters()]
     return [p.detach() for p in engine.module.parameters()]
+
+
+def release_groups() -> None:
+    """Destroy the default process group and every DeepSpeed group cache built on it."""
+    import torch.distributed as tdist
+    from deepspeed import comm as dist
+
+    if tdist.is_initialized():
+        dist.destroy_process_group()
+
+
+def reset_zero3_counters() -> None:
+    """ZeRO-3 numbers parameters with two process-global counters; a rebuilt engine on a survivor
+    must number them like a fresh process does (NOTES-deepspeed.md, "Process groups and recovery")."""
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    Init.param_id = 0
+    DeepSpeedZeRoOffload._register_deepspeed_module.__defaults__[0][0] = 0
+
+
+def reinit_engine(engine, init_kwargs: Dict[str, Any]) -> None:
+    """Run DeepSpeedEngine.__init__ again on the same object (new groups, fresh module in kwargs)."""
+    from deepspeed import zero
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    reset_zero3_counters()
+    zero.partition_parameters.shutdown_init_context()
+    init_kwargs = dict(init_kwargs, config_class=_config_class(init_kwargs["config"], init_kwargs.get("mpu"),
+                                                                init_kwargs["model"]))
+    DeepSpeedEngine.__init__(engine, **init_kwargs)
+    zero.partition_parameters.restore_init_context()
+    engine._configure_python_gc()
+
+
+def module_buffers(engine) -> Dict[str, torch.Tensor]:
+    """Module buffers (e.g. norm running statistics): not optimizer state, but part of the model."""
+    return dict(engine.module.named_buffers())
+
+
+def load_module_buffers(engine, buffers: Dict[str, torch.Tensor]) -> None:
+    own = dict(engine.module.named_buffers())
+    for name, value in buffers.items():
+        own[name].data.copy_(value)
 
 
 def skip_shm_comm_build() -> None:

@@ -13,6 +13,7 @@ from . import ds_adapter, ops
 from .config import FastFailoverConfig, parse_config
 from .data import ResumableDataLoader
 from .errors import ConfigError, SnapshotError
+from .failover.rebuild import RebuildSpec
 from .snapshot import state as snap_state
 from .snapshot.format import read_snapshot
 from .snapshot.persist import Persister, read_file, resolve
@@ -26,9 +27,12 @@ SnapshotLike = Union[str, os.PathLike, SnapshotRef, torch.Tensor, bytes, bytearr
 class FailoverEngine(DeepSpeedEngine):
     """DeepSpeedEngine plus per-step snapshots, persistence and restore (see README)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.ff_config: FastFailoverConfig = parse_config(self.config)
+    def __init__(self, **kwargs):
+        ff_config = parse_config(kwargs.get("config"))
+        spec = RebuildSpec(kwargs) if ff_config.enabled else None  # before DeepSpeed wraps the model
+        super().__init__(**kwargs)
+        self.ff_config: FastFailoverConfig = ff_config
+        self._ff_spec = spec
         self._ff: Optional[Snapshotter] = None
         self._persister = Persister()
         self.step_times_s: list = []

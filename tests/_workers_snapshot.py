@@ -1,6 +1,9 @@
 """Rank bodies for the snapshot tests (run in real processes by fftrainer_ds.testing.run_ranks)."""
 import hashlib
 import os
+import random
+
+import numpy as np
 
 import torch
 import torch.distributed as dist
@@ -15,6 +18,8 @@ def _engine(stage, dtype, grad_accum, ff):
     ds_adapter.skip_shm_comm_build()
     worker_init_process_group()
     torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)  # unseeded, numpy's state differs per process and is part of the snapshot
     model = TinyGPT(dropout=0.1)
     cfg = ds_config(stage, dtype, grad_accum=grad_accum, fast_failover=ff)
     engine, _, loader, _ = fftrainer_ds.initialize(model=model, model_parameters=model.parameters(),
@@ -22,9 +27,10 @@ def _engine(stage, dtype, grad_accum, ff):
     return engine, loader
 
 
-def _digest(engine):
+def _digest(engine, detail=False):
     """sha256 of this rank's fp32 shard + optimizer state + low-precision params."""
     h = hashlib.sha256()
+    parts = []
     ref = engine.latest_snapshot()
     from fftrainer_ds.snapshot.format import read_snapshot
 
@@ -32,10 +38,12 @@ def _digest(engine):
     for seg in snap.segments:
         if seg.name != "meta":
             h.update(bytes(snap.segment_bytes(seg).numpy()))
+            parts.append((seg.name, seg.dtype, seg.shape, hashlib.sha256(bytes(snap.segment_bytes(seg).numpy())).hexdigest()[:8]))
     ref.release()
     for t in ds_adapter.local_param_tensors(engine):
         h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+        parts.append(hashlib.sha256(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:8])
+    return (h.hexdigest(), parts) if detail else h.hexdigest()
 
 
 def _train(engine, it, until):

@@ -112,6 +112,7 @@ def capture(engine, data_position: Any = None) -> Captured:
     tree = {
         "optimizer": ds_adapter.optimizer_state(engine),
         "counters": ds_adapter.counters(engine),
+        "buffers": ds_adapter.module_buffers(engine),
         "lr_scheduler": ds_adapter.scheduler_state(engine),
         "rng": rng_state(),
         "data": data_position,
@@ -160,6 +161,7 @@ def apply(engine, tree: Dict[str, Any]) -> Any:
     """Put a captured tree back (collective for the optimizer part); returns the data position."""
     ds_adapter.load_optimizer_state(engine, tree["optimizer"])
     ds_adapter.load_scheduler_state(engine, tree["lr_scheduler"])
+    ds_adapter.load_module_buffers(engine, tree["buffers"])
     ds_adapter.set_counters(engine, tree["counters"])
     set_rng_state(tree["rng"])
     return tree["data"]
