@@ -89,19 +89,24 @@ class SnapshotPool:
         return sum(s.buffer.numel() for s in self._slots)
 
     def writable(self, nbytes: int, timeout_s: float = 600.0) -> _Slot:
-        """A slot of at least nbytes that is neither committed nor leased (allocating if needed)."""
+        """A slot of at least nbytes that is neither committed nor leased (allocating if needed).
+
+        The oldest free version is reused first, so the previous committed versions stay readable
+        (a recovery may roll back to the step before the last one).
+        """
         with self._cv:
             while True:
-                for s in self._slots:
-                    if s is not self._committed and s.leases == 0 and not s.writing:
-                        if s.buffer.numel() < nbytes:
-                            s.buffer = alloc_host(nbytes + nbytes // 8, self.pin)
-                        s.writing = True
-                        return s
                 if len(self._slots) < self.max_buffers:
                     s = _Slot(alloc_host(nbytes + nbytes // 8, self.pin), writing=True)
                     self._slots.append(s)
                     return s
+                for s in sorted(self._slots, key=lambda x: x.step):
+                    if s is not self._committed and s.leases == 0 and not s.writing:
+                        if s.buffer.numel() < nbytes:
+                            s.buffer = alloc_host(nbytes + nbytes // 8, self.pin)
+                        s.writing = True
+                        s.step = -1
+                        return s
                 # Every spare slot is leased by a slow reader: wait rather than overwrite.
                 if not self._cv.wait(timeout=timeout_s):
                     raise TimeoutError(f"snapshot pool of rank {self.rank}: no free slot after {timeout_s}s")
@@ -128,6 +133,32 @@ class SnapshotPool:
                 return None
             s.leases += 1
             return SnapshotRef(s.step, s.generation, self.rank, s.buffer[:s.nbytes], self, s)
+
+    def steps(self) -> List[int]:
+        """Steps of every complete version held (the committed one and older retained ones)."""
+        with self._cv:
+            return sorted(s.step for s in self._slots if not s.writing and s.step >= 0)
+
+    def acquire_step(self, step: int) -> Optional[SnapshotRef]:
+        """Lease the complete version of `step`, if still held."""
+        with self._cv:
+            for s in self._slots:
+                if not s.writing and s.step == step:
+                    s.leases += 1
+                    return SnapshotRef(s.step, s.generation, self.rank, s.buffer[:s.nbytes], self, s)
+            return None
+
+    def drop_newer_than(self, step: int) -> None:
+        """Forget versions after `step` (a rollback made them a future that will not happen)."""
+        with self._cv:
+            for s in self._slots:
+                if s.step > step and s.leases == 0 and not s.writing:
+                    s.step = -1
+                    if s is self._committed:
+                        self._committed = None
+            if self._committed is None:
+                held = [s for s in self._slots if s.step >= 0 and not s.writing]
+                self._committed = max(held, key=lambda x: x.step) if held else None
 
     @property
     def committed_step(self) -> Optional[int]:

@@ -1,0 +1,41 @@
+"""plan_recovery: the latest step every shard has, own memory first, disk as the last resort."""
+import pytest
+
+from fftrainer_ds.errors import TerminalError
+from fftrainer_ds.failover.recovery import RankInfo, plan_recovery
+
+
+def test_replacement_gets_its_shard_from_the_holder_at_the_common_step():
+    infos = [RankInfo(0, False, [9, 10], {3: [9]}),
+             RankInfo(1, True, [], {}),
+             RankInfo(2, False, [9, 10], {1: [10]}),
+             RankInfo(3, False, [9, 10], {2: [10]})]
+    plan = plan_recovery(infos, 4)
+    assert plan.step == 10
+    assert plan.source == {0: ("own", 0), 1: ("replica", 2), 2: ("own", 2), 3: ("own", 3)}
+
+
+def test_lagging_replica_rolls_everyone_back_one_step():
+    infos = [RankInfo(0, False, [9, 10], {}), RankInfo(1, True, [], {}), RankInfo(2, False, [9, 10], {1: [9]})]
+    plan = plan_recovery(infos, 3)
+    assert plan.step == 9 and plan.source[1] == ("replica", 2) and plan.source[0] == ("own", 0)
+
+
+def test_two_failures_with_k2_use_the_surviving_holder():
+    # ranks 1 and 2 died; 1's replicas were on 2 (dead) and 3; 2's on 3 and 0.
+    infos = [RankInfo(0, False, [4, 5], {2: [5], 3: [5]}), RankInfo(1, True, [], {}), RankInfo(2, True, [], {}),
+             RankInfo(3, False, [4, 5], {1: [5], 2: [5]})]
+    plan = plan_recovery(infos, 4)
+    assert plan.step == 5 and plan.source[1] == ("replica", 3) and plan.source[2] == ("replica", 0)
+
+
+def test_lost_replica_set_falls_back_to_disk():
+    infos = [RankInfo(0, False, [9, 10], {}, disk_steps=[5]), RankInfo(1, True, [], {}, disk_steps=[5])]
+    plan = plan_recovery(infos, 2)
+    assert plan.step == 5 and plan.from_disk
+
+
+def test_nothing_left_is_terminal_and_says_why():
+    infos = [RankInfo(0, False, [9, 10], {}), RankInfo(1, True, [], {})]
+    with pytest.raises(TerminalError, match=r"ranks \[1\].*persist_dir"):
+        plan_recovery(infos, 2)
