@@ -23,6 +23,14 @@ class ResumableDataLoader(DeepSpeedDataLoader):
         self.consumed = 0
         self._resume: Optional[Dict[str, Any]] = None
 
+    @classmethod
+    def adopt(cls, loader):
+        """Turn DeepSpeed's own loader object into a ResumableDataLoader in place."""
+        if isinstance(loader, DeepSpeedDataLoader) and not isinstance(loader, cls):
+            loader.__class__ = cls
+            loader.passes, loader.consumed, loader._resume = 0, 0, None
+        return loader
+
     def __iter__(self):
         if self._resume is not None:
             self._reposition()

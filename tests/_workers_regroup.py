@@ -32,6 +32,7 @@ def regroup_midway(stage, dtype="fp32", grad_accum=1, steps=20, at_step=10, roll
         _train(engine, it, at_step + rollback)
     _new_generation(1)
     rebuild_in_place(engine, engine._ff_spec)
+    engine._ff.rebind(engine, generation=1)
     assert engine.restore(snap) == at_step
     losses.update(_train(engine, it, steps))
     out = {"losses": losses, "digest": _digest(engine)}

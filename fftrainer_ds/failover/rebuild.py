@@ -20,8 +20,7 @@ from .template import materialize, meta_template
 logger = logging.getLogger("fftrainer_ds")
 
 # Attributes of FailoverEngine that survive a rebuild (everything else is DeepSpeed's).
-KEEP = ("ff_config", "_ff", "_persister", "step_times_s", "snapshots_paused", "_ff_spec", "_ff_fingerprint",
-        "_ff_runtime")
+KEEP = ("ff_config", "_ff", "_ff_spec", "_ff_fingerprint")
 
 
 class RebuildSpec:

@@ -1,0 +1,187 @@
+"""Per-rank fast-failover runtime: snapshots, replication, persistence, metrics.
+
+`FailoverEngine` owns one `FailoverRuntime` and calls its hooks; everything the engine does
+beyond plain DeepSpeed lives here or below (snapshot/, replication/, failover/).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import ds_adapter, ops
+from .config import FastFailoverConfig
+from .errors import ConfigError
+from .snapshot import state as snap_state
+from .snapshot.persist import Persister
+from .snapshot.snapshotter import Snapshotter
+
+logger = logging.getLogger("fftrainer_ds")
+
+
+def node_map(world_size: int) -> List[int]:
+    """Node index of every rank: the launcher's FFTRAINER_NODE_RANK if set, else the hostname (collective)."""
+    me = os.environ.get("FFTRAINER_NODE_RANK") or socket.gethostname()
+    names: List[Optional[str]] = [None] * world_size
+    dist.all_gather_object(names, me)
+    order = {n: i for i, n in enumerate(dict.fromkeys(names))}
+    return [order[n] for n in names]
+
+
+def estimate_snapshot_bytes(engine) -> int:
+    """fp32 master + two Adam moments per element, plus room for metadata (before the first step)."""
+    elems = sum(int(torch.Size(s).numel()) for s in ds_adapter.shard_layout(engine))
+    return 12 * elems + (1 << 20)
+
+
+class FailoverRuntime:
+    """Snapshotter + replication service + persister of one rank, for one process-group generation."""
+
+    def __init__(self, engine, cfg: FastFailoverConfig, store=None, generation: int = 0,
+                 snapshotter: Optional[Snapshotter] = None):
+        stage = ds_adapter.zero_stage(engine)
+        if stage not in (1, 2, 3):
+            raise ConfigError(f"fast_failover needs zero_optimization.stage 1, 2 or 3 (got {stage})")
+        self.cfg, self.store, self.generation = cfg, store, generation
+        self.rank, self.world_size = engine.global_rank, engine.world_size
+        if snapshotter is None:
+            backend = ops.get_backend(cfg.snapshot_backend, cfg.pack_threads)
+            snapshotter = Snapshotter(self.rank, self.world_size, stage, ds_adapter.dtype_config(engine), backend,
+                                      pin=cfg.pin_memory, max_buffers=cfg.max_snapshot_buffers)
+            logger.info("fftrainer_ds: rank %d fast failover on (ZeRO-%d, %s, pack backend %s, interval %s)",
+                        self.rank, stage, ds_adapter.dtype_config(engine), backend.name, cfg.snapshot_interval_steps)
+        self.snapshotter = snapshotter
+        self.snapshotter.generation = generation
+        self.persister = Persister()
+        self.replication = None
+        self.previous_replication = None  # the last generation's service: its replicas feed a recovery
+        self.snapshotter.add_listener(self._offer)
+        self._start_replication(engine)
+        self.paused = False
+        self.step_times_s: List[float] = []
+        self._last_step_end: Optional[float] = None
+
+    def _start_replication(self, engine) -> None:
+        """Collective (node map + the replication group): same order on every rank of a generation."""
+        cfg = self.cfg
+        if cfg.replication_factor == 0:
+            return
+        from .replication.service import ReplicationService
+
+        if self.world_size <= cfg.replication_factor:
+            raise ConfigError(f"fast_failover.replication_factor={cfg.replication_factor} needs more than "
+                              f"{cfg.replication_factor} ranks (world size is {self.world_size})")
+        self.node_of = node_map(self.world_size)
+        self.replication = ReplicationService(cfg, self.rank, self.world_size, self.node_of,
+                                              estimate_snapshot_bytes(engine), store=self.store,
+                                              generation=self.generation)
+
+    def _offer(self, ref) -> None:
+        repl = self.replication
+        if repl is None:
+            ref.release()
+        else:
+            repl.offer(ref)
+
+    def rebind(self, engine, generation: int, store=None) -> None:
+        """After a regroup and engine rebuild: new generation, new replication service (collective).
+
+        The old service is closed but kept: its committed replicas are what a recovery reads.
+        """
+        self.snapshotter.fence()
+        old, self.replication = self.replication, None
+        if old is not None:
+            old.close()
+            self.previous_replication = old
+        self.generation = generation
+        self.snapshotter.generation = generation
+        self.store = store if store is not None else self.store
+        self.rank, self.world_size = engine.global_rank, engine.world_size
+        self._last_step_end = None
+        self._start_replication(engine)
+
+    def held_replica_steps(self) -> Dict[int, List[int]]:
+        """source rank -> steps of the committed replicas held here (current and previous service)."""
+        out: Dict[int, List[int]] = {}
+        for svc in (self.previous_replication, self.replication):
+            if svc is not None:
+                for src, versions in svc.local_inventory().items():
+                    out.setdefault(src, [])
+                    out[src] = sorted(set(out[src]) | {step for _, step in versions})
+        return out
+
+    def lease_replica(self, src: int, step: int):
+        """A lease on the held replica of `src` at `step`, or None."""
+        for svc in (self.replication, self.previous_replication):
+            if svc is None:
+                continue
+            ref = svc.replica(src)
+            if ref is not None and ref.step == step:
+                return ref
+            if ref is not None:
+                ref.release()
+        return None
+
+    # ---- hooks (called by the engine) -----------------------------------------------------------
+    def before_optimizer_step(self) -> None:
+        self.snapshotter.fence()  # step N's pack must be complete before this step changes that state
+        if self.replication is not None:
+            self.replication.set_window(False)
+
+    def after_optimizer_step(self, engine) -> None:
+        now = time.perf_counter()
+        step_time = None if self._last_step_end is None else now - self._last_step_end
+        self._last_step_end = now
+        if step_time is not None:
+            self.step_times_s.append(step_time)
+        step = engine.global_steps
+        if not self.paused and step % self._interval() == 0:
+            self.snapshotter.begin(step, snap_state.capture(engine, engine._ff_data_position()))
+        if self.replication is not None:
+            self.replication.set_window(True)
+            if step_time is not None:
+                self.replication.on_step(step, step_time)
+        cfg = self.cfg
+        if cfg.persist_interval_steps and step % cfg.persist_interval_steps == 0 and cfg.persist_dir:
+            ref = self.snapshotter.latest()
+            if ref is not None:
+                self.persister.persist(ref, os.path.join(cfg.persist_dir, f"step{ref.step:08d}"))
+        if engine.steps_per_print() and step % engine.steps_per_print() == 0:
+            self.report(engine, step)
+
+    def _interval(self) -> int:
+        interval = self.cfg.snapshot_interval_steps
+        return 1 if interval == "auto" else int(interval)  # CPU packs overlap fully; GPU policy: interval.py
+
+    # ---- metrics ----------------------------------------------------------------------------------
+    def metrics(self) -> Dict[str, Any]:
+        s = self.snapshotter
+        out: Dict[str, Any] = {"snapshot_bytes": s.last_bytes, "pack_ms": 1e3 * s.last_pack_s,
+                               "fence_wait_ms": 1e3 * s.last_fence_wait_s, "snapshots": s.snapshots_taken}
+        if self.replication is not None:
+            st = self.replication.stats()
+            out.update({f"replication_{k}": v for k, v in st.items() if isinstance(v, (int, float))})
+        return out
+
+    def report(self, engine, step: int) -> None:
+        m = self.metrics()
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.info("fftrainer_ds rank %d step %d: %s", self.rank, step,
+                       ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
+        monitor = getattr(engine, "monitor", None)
+        if monitor is not None and monitor.enabled and self.rank == 0:
+            monitor.write_events([(f"fftrainer/{k}", float(v), engine.global_samples) for k, v in m.items()])
+
+    def close(self) -> None:
+        try:
+            self.snapshotter.fence()
+        finally:
+            if self.replication is not None:
+                self.replication.close()
+            self.persister.wait()
