@@ -40,11 +40,21 @@ def initialize(args: Any = None, model=None, optimizer=None, model_parameters=No
                                     training_data=training_data, lr_scheduler=lr_scheduler, distributed_port=port,
                                     mpu=mpu, dist_init_required=dist_init_required, collate_fn=collate_fn,
                                     config=cfg_dict)
-    engine = ds_adapter.build_engine(FailoverEngine, args=args, model=model, optimizer=optimizer,
-                                     model_parameters=model_parameters, training_data=training_data,
-                                     lr_scheduler=lr_scheduler, distributed_port=port, mpu=mpu,
-                                     dist_init_required=dist_init_required, collate_fn=collate_fn, config=cfg_dict,
-                                     mesh_param=mesh_param)
+    kwargs = dict(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+                  training_data=training_data, lr_scheduler=lr_scheduler, distributed_port=port, mpu=mpu,
+                  dist_init_required=dist_init_required, collate_fn=collate_fn, config=cfg_dict, mesh_param=mesh_param)
+
+    def build(**kw):
+        return ds_adapter.build_engine(FailoverEngine, **kw)
+
+    from .failover import membership
+
+    if ff.enabled and membership.under_supervisor():
+        from .failover.controller import failover_initialize
+
+        engine = failover_initialize(build, kwargs)  # spares wait inside until they replace a rank
+    else:
+        engine = build(**kwargs)
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
 
 

@@ -11,6 +11,7 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 from .config import FastFailoverConfig, parse_config
 from .data import ResumableDataLoader
 from .errors import SnapshotError
+from .failover.controller import build_context
 from .failover.rebuild import RebuildSpec
 from .runtime import FailoverRuntime
 from .snapshot import state as snap_state
@@ -31,7 +32,23 @@ class FailoverEngine(DeepSpeedEngine):
         super().__init__(**kwargs)
         self.ff_config: FastFailoverConfig = ff_config
         self._ff_spec = spec
-        self._ff: Optional[FailoverRuntime] = FailoverRuntime(self, ff_config) if ff_config.enabled else None
+        ctx = build_context() if ff_config.enabled else None  # set under fftrainer-launch
+        self._ff_ctl = ctx["controller"] if ctx else None
+        self._ff: Optional[FailoverRuntime] = None
+        if ff_config.enabled:
+            self._ff = FailoverRuntime(self, ff_config, store=ctx["agent"].store if ctx else None,
+                                       generation=ctx["generation"] if ctx else 0)
+
+    # ---- hooks: failover guard (only under fftrainer-launch) ------------------------------------
+    def forward(self, *inputs, **kwargs):
+        if self._ff_ctl is None:
+            return super().forward(*inputs, **kwargs)
+        return self._ff_ctl.guard(self, "forward", lambda: super(FailoverEngine, self).forward(*inputs, **kwargs))
+
+    def backward(self, loss, *args, **kwargs):
+        if self._ff_ctl is None:
+            return super().backward(loss, *args, **kwargs)
+        return self._ff_ctl.guard(self, "backward", lambda: super(FailoverEngine, self).backward(loss, *args, **kwargs))
 
     def deepspeed_io(self, dataset, batch_size=None, route="train", pin_memory=True, data_sampler=None,
                      collate_fn=None, num_local_io_workers=None):
@@ -41,6 +58,11 @@ class FailoverEngine(DeepSpeedEngine):
 
     # ---- hooks --------------------------------------------------------------------------------
     def step(self, lr_kwargs=None):
+        if self._ff_ctl is not None:
+            return self._ff_ctl.guard(self, "step", lambda: self._ff_step(lr_kwargs))
+        return self._ff_step(lr_kwargs)
+
+    def _ff_step(self, lr_kwargs):
         if self._ff is None:
             return super().step(lr_kwargs)
         boundary = self.is_gradient_accumulation_boundary()
@@ -49,6 +71,8 @@ class FailoverEngine(DeepSpeedEngine):
         out = super().step(lr_kwargs)
         if boundary:
             self._ff.after_optimizer_step(self)
+            if self._ff_ctl is not None:
+                self._ff_ctl.after_step(self)
         return out
 
     def _ff_data_position(self) -> Any:
@@ -106,6 +130,11 @@ class FailoverEngine(DeepSpeedEngine):
         ff._last_step_end = None
         logger.info("fftrainer_ds: rank %d restored step %d from %s", self.global_rank, parsed.step, source)
         return parsed.step
+
+    @property
+    def recoveries(self) -> list:
+        """Timelines of the recoveries this process took part in (empty without fftrainer-launch)."""
+        return [] if self._ff_ctl is None else self._ff_ctl.recoveries
 
     def replica_inventory(self) -> Dict[int, Dict[int, list]]:
         """source rank -> {holder rank -> committed (generation, step) versions}. Collective."""

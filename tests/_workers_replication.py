@@ -88,11 +88,14 @@ def replicate_steps(k, steps, base_bytes, node_of, gating, chunk_mb=1.0):
         dist.all_reduce(torch.ones(1))  # a training collective on the default group, beside the p2p threads
         if gating:
             svc.set_window(True)
+        if step == steps // 2:  # a collective on the replication group while its p2p threads run
+            mid_inventory = svc.replica_inventory()
         for src in svc.sources:
             if _committed_step(svc, src) < step - 1:
                 waited += 1
                 assert _wait(lambda: _committed_step(svc, src) >= step - 1), f"no replica of {src} step {step - 1}"
-            held.append(_held_record(svc, src, step))
+            if _committed_step(svc, src) > 0:  # at step 1, lag <= 1 allows no replica yet
+                held.append(_held_record(svc, src, step))
     assert svc.flush(WAIT_S)
     dist.barrier()
     for src in svc.sources:
@@ -106,7 +109,7 @@ def replicate_steps(k, steps, base_bytes, node_of, gating, chunk_mb=1.0):
     dist.barrier()
     dist.destroy_process_group()
     return {"own": own, "held": held, "inventory": inventory, "stored": stored, "stats": stats,
-            "released": [r.released for r in refs], "waited": waited}
+            "released": [r.released for r in refs], "waited": waited, "mid_inventory": mid_inventory}
 
 
 def corrupt_run(steps, corrupt_step, base_bytes):
@@ -142,8 +145,8 @@ def faulty_receiver_run(fault, steps, fault_step, base_bytes):
     """3 ranks, k=1 (0->1->2->0): rank 2's receiver of source 1 stalls or dies at `fault_step`."""
     rank, world, store, cfg = _setup(1, chunk_mb=0.25, adaptive_throttle=False)
     nbytes = size_of(rank, base_bytes)
-    svc = ReplicationService(cfg, rank, world, [0] * world, nbytes, store=store, peer_timeout_s=1.5,
-                             close_timeout_s=3.0)
+    svc = ReplicationService(cfg, rank, world, [0] * world, nbytes, store=store, peer_timeout_s=3.0,
+                             close_timeout_s=1.5)
     fi = faults.install(svc)
     own, held, offer_s, refs = {}, [], [], []
     for step in range(1, steps + 1):
@@ -160,7 +163,8 @@ def faulty_receiver_run(fault, steps, fault_step, base_bytes):
         (src,) = svc.sources
         if not (rank == 2 and step >= fault_step):
             assert _wait(lambda: _committed_step(svc, src) >= step - 1), f"no replica of {src} step {step - 1}"
-            held.append(_held_record(svc, src, step))
+            if _committed_step(svc, src) > 0:
+                held.append(_held_record(svc, src, step))
     if rank == 1:
         assert _wait(lambda: 2 in svc.stats()["dropped_peers"]), "the faulty holder was never dropped"
     else:
@@ -226,3 +230,48 @@ def memory_budget_error(base_bytes, budget_gb):
         return (type(exc).__name__, str(exc))
     dist.destroy_process_group()
     return None
+
+
+class _CountStarts(faults.ReplicationFaults):
+    """Counts chunks put on the wire."""
+
+    def __init__(self):
+        super().__init__()
+        self.started = 0
+
+    def before_send(self, dst, header, data):
+        self.started += 1
+        return data
+
+
+def adaptive_run(steps, base_bytes):
+    """2 ranks, adaptive throttle: sending pauses for the baseline steps, then resumes, rate-capped."""
+    rank, world, store, cfg = _setup(1, chunk_mb=0.25, adaptive_throttle=True, max_bandwidth_mbps=200.0)
+    nbytes = size_of(rank, base_bytes)
+    svc = ReplicationService(cfg, rank, world, [0] * world, nbytes, peer_timeout_s=15, warmup_steps=1,
+                             baseline_steps=2)
+    counter = svc.hooks = _CountStarts()
+    own, refs, trace = {}, [], []
+    for step in range(1, steps + 1):
+        t0 = time.perf_counter()
+        svc.set_window(False)
+        buf = content(rank, step, nbytes)
+        own[step] = digest(buf)
+        refs.append(FakeRef(step, rank, buf))
+        svc.offer(refs[-1])
+        svc.set_window(True)
+        time.sleep(0.1)  # compute
+        dist.all_reduce(torch.ones(1))
+        before = counter.started
+        svc.on_step(step, time.perf_counter() - t0)
+        trace.append({"before": before, "after": counter.started, "phase": svc.stats()["phase"]})
+    assert svc.flush(WAIT_S)
+    dist.barrier()
+    (src,) = svc.sources
+    assert _wait(lambda: _committed_step(svc, src) >= steps)
+    held = _held_record(svc, src, steps)
+    stats = svc.stats()
+    svc.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    return {"own": own, "held": held, "stats": stats, "trace": trace, "released": [r.released for r in refs]}

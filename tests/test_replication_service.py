@@ -136,6 +136,27 @@ def test_source_replica_double_buffering():
     assert rep.committed_version() == (0, 4)
 
 
+def test_service_without_replication_and_early_config_errors():
+    from fftrainer_ds.config import FastFailoverConfig
+    from fftrainer_ds.errors import ConfigError
+    from fftrainer_ds.replication import ReplicationService
+    from tests._workers_replication import FakeRef
+
+    svc = ReplicationService(FastFailoverConfig(replication_factor=0), 0, 1, [0], 100)  # no group needed
+    ref = FakeRef(1, 0, torch.zeros(100, dtype=torch.uint8))
+    svc.offer(ref)
+    assert ref.released == 1 and svc.local_inventory() == {} and svc.replica(1) is None
+    assert svc.replica_inventory() == {0: {}} and svc.flush(0.1)
+    assert svc.stats()["phase"] == "off" and svc.stats()["lag_steps"] == 0
+    svc.on_step(1, 0.1)
+    svc.close()
+    # refused before any collective, identically on every rank
+    with pytest.raises(ConfigError, match="replication_backend='nccl' is not implemented"):
+        ReplicationService(FastFailoverConfig(replication_backend="nccl"), 0, 2, [0, 0], 100)
+    with pytest.raises(ConfigError, match="replication_factor=2 needs at least 3 ranks"):
+        ReplicationService(FastFailoverConfig(replication_factor=2), 0, 2, [0, 1], 100)
+
+
 # ---------------------------------------------------------------- real ranks (gloo on loopback)
 def _check_replicas(res, steps, k):
     for r in res:
@@ -163,6 +184,10 @@ def test_four_ranks_replicas_byte_identical_every_step(k, node_of, gating):
         assert inv == r.value["stored"] == res[0].value["inventory"]
         for src in range(4):
             assert inv[src] == {h: [(0, steps)] for h in table[src]}
+            mid = r.value["mid_inventory"][src]  # gathered mid-run, beside the p2p traffic
+            assert set(mid) == set(table[src])
+            for versions in mid.values():
+                assert versions == [] or (len(versions) == 1 and 1 <= versions[0][1] <= steps // 2)
         assert r.value["stats"]["versions_committed"] == k * steps
 
 
@@ -226,3 +251,16 @@ def test_host_memory_budget_error_on_every_rank():
         assert r.value is not None and r.value[0] == "ConfigError"
         assert "max_host_memory_gb=0.4: rank" in r.value[1] and "3 own snapshot buffers" in r.value[1]
     assert res[0].value == res[1].value
+
+
+def test_adaptive_throttle_pauses_for_the_baseline_then_replicates():
+    steps = 6
+    res = run_ranks(W + "adaptive_run", 2, dict(steps=steps, base_bytes=1 << 20), timeout_s=90)
+    for r in res:
+        v = r.value
+        assert [t["phase"] for t in v["trace"][:3]] == ["baseline", "baseline", "replicating"]
+        # paused from on_step(1) to on_step(3): no chunk started during step 3
+        assert v["trace"][2]["before"] == v["trace"][1]["after"]
+        assert v["stats"]["baseline_step_s"] > 0 and v["stats"]["current_rate_mbps"] <= 200.0
+        assert v["held"]["step"] == steps and v["held"]["digest"] == res[v["held"]["src"]].value["own"][steps]
+        assert v["released"] == [1] * steps

@@ -43,7 +43,8 @@ class RebuildSpec:
             params = list(params)
             init_kwargs["model_parameters"] = params  # a generator would be consumed by DeepSpeed
         self.param_spec = None if params is None else [self._spec(x, names) for x in params]
-        skip = ("model", "model_parameters", "training_data", "config_class")
+        # initialize-level arguments that DeepSpeedEngine.__init__ does not take are dropped too
+        skip = ("model", "model_parameters", "training_data", "config_class", "distributed_port", "mesh_param")
         self.kwargs = {k: v for k, v in init_kwargs.items() if k not in skip}
 
     @staticmethod

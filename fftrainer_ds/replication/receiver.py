@@ -1,0 +1,256 @@
+"""Holder side: a double-buffered replica store per source and the thread that fills it.
+
+`SourceReplica` keeps two host buffers per source: the committed version and the in-flight one.
+A version becomes committed only when every chunk arrived in order and verified; the committed
+buffer is never written while it is committed, nor while a `ReplicaRef` lease on it is held.
+`ReceiverThread` reads one source's stream (transport.py protocol) into it.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from .transport import (KIND_CLOSE, KIND_DATA, HEADER_LEN, Channel, ChunkHeader, OpWatch, StreamError,
+                        TransportError, TransportHooks, data_tag, hdr_tag)
+
+logger = logging.getLogger("fftrainer_ds.replication")
+
+Version = Tuple[int, int]  # (generation, step)
+
+
+class ReplicaRef:
+    """A lease on a committed replica, shaped like `SnapshotRef`: step, generation, rank (the
+    source), buffer (1-D uint8 CPU tensor of exactly the snapshot bytes). Release it (or use
+    `with`); until then the store never writes that buffer."""
+
+    def __init__(self, owner: "SourceReplica", slot: int, version: Version, buffer: torch.Tensor) -> None:
+        self._owner, self._slot = owner, slot
+        self.generation, self.step = version
+        self.rank = owner.src
+        self.buffer = buffer
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._owner._unlease(self._slot)
+
+    def __enter__(self) -> "ReplicaRef":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class _Slot:
+    __slots__ = ("buf", "nbytes", "version", "leases")
+
+    def __init__(self) -> None:
+        self.buf: Optional[torch.Tensor] = None
+        self.nbytes = 0
+        self.version: Optional[Version] = None
+        self.leases = 0
+
+
+class SourceReplica:
+    """Committed + in-flight buffers of one source. Writer: one receiver thread; readers: any.
+
+    Writer call order per version: `begin()` -> fill the returned tensor -> `commit()` or `abort()`.
+    """
+
+    def __init__(self, src: int) -> None:
+        self.src = src
+        self._slots = [_Slot(), _Slot()]
+        self._committed: Optional[int] = None
+        self._inflight: Optional[int] = None
+        self._lock = threading.Lock()
+
+    def begin(self, version: Version, nbytes: int) -> Optional[torch.Tensor]:
+        """Start an in-flight version; its buffer, or None when the free slot is leased (busy)."""
+        with self._lock:
+            if self._inflight is not None:
+                self._slots[self._inflight].version = None
+            idx = 0 if self._committed is None else 1 - self._committed
+            slot = self._slots[idx]
+            if slot.leases:
+                self._inflight = None
+                return None
+            if slot.buf is None or slot.buf.numel() < nbytes:
+                slot.buf = None  # free the old one before allocating
+                slot.buf = torch.empty(nbytes, dtype=torch.uint8)
+            slot.nbytes, slot.version = nbytes, version
+            self._inflight = idx
+            return slot.buf[:nbytes]
+
+    def commit(self) -> Version:
+        """Make the in-flight version the committed one (the old committed slot becomes free)."""
+        with self._lock:
+            if self._inflight is None:
+                raise RuntimeError("commit without an in-flight version")
+            self._committed, self._inflight = self._inflight, None
+            return self._slots[self._committed].version
+
+    def abort(self) -> None:
+        """Forget the in-flight version; the committed one is untouched."""
+        with self._lock:
+            if self._inflight is not None:
+                self._slots[self._inflight].version = None
+            self._inflight = None
+
+    def committed_version(self) -> Optional[Version]:
+        with self._lock:
+            return None if self._committed is None else self._slots[self._committed].version
+
+    def lease(self) -> Optional[ReplicaRef]:
+        """Lease the committed version, or None if nothing is committed yet."""
+        with self._lock:
+            if self._committed is None:
+                return None
+            slot = self._slots[self._committed]
+            slot.leases += 1
+            return ReplicaRef(self, self._committed, slot.version, slot.buf[:slot.nbytes])
+
+    def _unlease(self, idx: int) -> None:
+        with self._lock:
+            self._slots[idx].leases -= 1
+
+    def nbytes_held(self) -> int:
+        with self._lock:
+            return sum(s.buf.numel() for s in self._slots if s.buf is not None)
+
+
+class ReceiverThread:
+    """Reads source `src`'s stream into its `SourceReplica`; one daemon thread per source.
+
+    Each chunk is verified (FF31) as it arrives; a version commits only after its last chunk with
+    every chunk in order and verified. A failed chunk drops the version (counted, logged), the rest
+    of its chunks are still read so that the stream stays in step. A CLOSE header ends the thread;
+    a transport failure or an untrustworthy header marks the source dropped (`dropped`, `on_drop`)
+    and ends it, keeping the committed replica. A data recv is watched (`watch`: the source sends it
+    right after its header, so an overrun means a stalled source and the watchdog calls `expire()`);
+    a header recv is not, since a source may pause for long between chunks (window closed,
+    throttled, baseline). So `stop()` takes effect at the next message, and `join(timeout)`
+    abandons a thread blocked on a silent source (it is a daemon).
+    """
+
+    def __init__(self, channel: Channel, src: int, stream_generation: int, store: SourceReplica,
+                 timeout_s: float, checksum: Callable[[torch.Tensor], int], hooks: Callable[[], TransportHooks],
+                 on_commit: Callable[[int, Version], None], on_bad_version: Callable[[int, Version, str], None],
+                 on_drop: Callable[[int, str], None]) -> None:
+        self.channel, self.src, self.stream_generation = channel, src, stream_generation
+        self.store = store
+        self.watch = OpWatch(timeout_s)
+        self._checksum, self._hooks = checksum, hooks
+        self._on_commit, self._on_bad, self._on_drop = on_commit, on_bad_version, on_drop
+        self._stop = threading.Event()
+        self._scratch: Optional[torch.Tensor] = None
+        self._target: Optional[torch.Tensor] = None
+        self._problem: Optional[str] = None
+        self._next_index = self._next_offset = 0
+        self.dropped: Optional[str] = None
+        self.closed_by_source = False
+        self.thread = threading.Thread(target=self._run, name=f"ffrepl-recv-{src}", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout_s: float) -> bool:
+        self.thread.join(timeout_s)
+        return not self.thread.is_alive()
+
+    def _run(self) -> None:
+        current: Optional[ChunkHeader] = None  # first header of the version being read
+        try:
+            while not self._stop.is_set() and self.dropped is None:
+                self._hooks().before_recv(self.src)
+                hbuf = torch.empty(HEADER_LEN, dtype=torch.int64)
+                self.channel.recv(hbuf, self.src, hdr_tag(self.src), None)
+                if self.dropped is not None:
+                    return
+                h = ChunkHeader.decode(hbuf)
+                if h.src != self.src or h.stream_generation != self.stream_generation:
+                    raise StreamError(f"header of source {h.src} generation {h.stream_generation} on the "
+                                      f"stream of source {self.src} generation {self.stream_generation}")
+                if h.kind == KIND_CLOSE:  # a version cut short by the source's close() is not counted
+                    self.closed_by_source = True
+                    return
+                if h.kind != KIND_DATA:
+                    raise StreamError(f"unknown header kind {h.kind}")
+                current = self._on_chunk(current, h)
+        except (TransportError, StreamError) as exc:
+            self._drop(str(exc))
+        except Exception as exc:  # a bug or an injected fault: this source is dropped, the process lives
+            logger.warning("replication receiver for source rank %d died: %r", self.src, exc)
+            self._drop(f"receiver thread died: {exc!r}")
+        finally:
+            if current is not None:
+                self.store.abort()
+
+    def _on_chunk(self, current: Optional[ChunkHeader], h: ChunkHeader) -> Optional[ChunkHeader]:
+        """Read one chunk's data; return the version still in flight (None after its last chunk)."""
+        if h.index == 0 or current is None or h.version != current.version:
+            if current is not None:
+                self._finish(current, "interrupted by a newer version")
+            current = h
+            self._next_index, self._next_offset = 0, 0
+            self._target = self.store.begin(h.version, h.total_bytes) if h.index == 0 else None
+            self._problem = None if self._target is not None else (
+                "no free buffer (the other one is leased)" if h.index == 0 else "its first chunk was not seen")
+        if self._problem is None and (h.index != self._next_index or h.offset != self._next_offset
+                                      or h.count != current.count or h.total_bytes != current.total_bytes
+                                      or h.offset + h.length > h.total_bytes):
+            self._problem = f"chunk {h.index} out of order or inconsistent"
+        view = self._recv_data(h, self._target if self._problem is None else None)
+        if self.dropped is not None:  # expired while blocked: never commit anything from here on
+            return current
+        if self._problem is None:
+            self._hooks().after_recv(self.src, h, view)
+            got = int(self._checksum(view))
+            if got != h.checksum:
+                self._problem = f"chunk {h.index}/{h.count} checksum mismatch (got {got:016x}, header {h.checksum:016x})"
+        self._next_index += 1
+        self._next_offset += h.length
+        if h.index != h.count - 1:
+            return current
+        if self._problem is None and self._next_offset != h.total_bytes:
+            self._problem = "incomplete version"
+        self._finish(current, self._problem)
+        return None
+
+    def _recv_data(self, h: ChunkHeader, target: Optional[torch.Tensor]) -> torch.Tensor:
+        if target is not None:
+            view = target[h.offset:h.offset + h.length]
+        else:
+            if self._scratch is None or self._scratch.numel() < h.length:
+                self._scratch = torch.empty(h.length, dtype=torch.uint8)
+            view = self._scratch[:h.length]
+        self.channel.recv(view, self.src, data_tag(self.src), self.watch)
+        return view
+
+    def _finish(self, first: ChunkHeader, problem: Optional[str]) -> None:
+        if problem is None and self.dropped is None:
+            self._on_commit(self.src, self.store.commit())
+            return
+        self.store.abort()
+        self._on_bad(self.src, first.version, problem or "the source was dropped")
+
+    def expire(self) -> None:
+        """Watchdog: the current data recv overran its deadline."""
+        self._drop(f"{self.watch.desc} made no progress for {self.watch.timeout_s:g} s (source stalled)")
+
+    def _drop(self, reason: str) -> None:
+        if self.dropped is not None:
+            return
+        self.dropped = reason
+        if self._stop.is_set():  # woken by close(): not a peer failure
+            logger.info("replication: receiver of source rank %d ended at close: %s", self.src, reason)
+            return
+        logger.warning("replication: dropping source rank %d: %s", self.src, reason)
+        self._on_drop(self.src, reason)
+

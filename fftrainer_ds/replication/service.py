@@ -1,0 +1,390 @@
+"""`ReplicationService`: stream this rank's snapshots to its k holders and keep its sources' replicas.
+
+Call order (engine.py):
+
+    svc = ReplicationService(cfg, rank, world, node_of, snapshot_bytes, store, generation)  # COLLECTIVE
+    per step:  svc.set_window(True)                      # forward/backward: senders may send
+               svc.set_window(False)                     # optimizer step / its collectives
+               ... svc.offer(pool.acquire_committed())   # hands over the lease, never blocks
+               svc.set_window(True); svc.on_step(step, step_time_s)
+    any time:  svc.stats(), svc.local_inventory(), svc.replica(src) (a lease: release it)
+    all ranks: svc.replica_inventory()                   # COLLECTIVE (falls back to the store)
+    end:       svc.close()                               # bounded; replicas stay readable after it
+
+One service per process-group generation: after a regroup, close the old one and build a new one
+with the new generation (its stream generation is in every header; a holder refuses others).
+With adaptive_throttle, sending pauses from the first `on_step` call for `warmup_steps +
+baseline_steps` steps (and `baseline_steps` every `rebaseline_every_steps`) to measure the baseline
+step time: replicas lag by those steps then. Without on_step calls there is no pause and no AIMD.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import threading
+import time
+import weakref
+from datetime import timedelta
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .. import ops
+from ..config import FastFailoverConfig
+from ..errors import ConfigError, RecoverableError
+from .placement import placement, replica_holders, sources_held_by
+from .receiver import ReceiverThread, ReplicaRef, SourceReplica
+from .throttle import MB, AimdThrottle, TokenBucket
+from .transport import Channel, OutgoingVersion, SenderThread, TransportHooks, round_chunk_bytes
+
+logger = logging.getLogger("fftrainer_ds.replication")
+
+GB = 1_000_000_000  # max_host_memory_gb counts decimal gigabytes
+Version = Tuple[int, int]
+
+
+def inventory_key(generation: int, holder: int) -> str:
+    """Store key under which `holder` publishes the replicas it has committed (JSON, see below)."""
+    return f"fftrainer/replication/gen{generation}/holder/{holder}"
+
+
+def read_inventory(store, generation: int, world_size: int) -> Dict[int, Dict[int, List[Version]]]:
+    """source -> {holder -> committed versions}, from what holders published to `store`.
+
+    Works when ranks are dead (their last publication stays: intersect with the live ranks).
+    Value of each key: {"holder": h, "generation": g, "sources": {"<src>": [[gen, step], ...]}}.
+    """
+    out: Dict[int, Dict[int, List[Version]]] = {src: {} for src in range(world_size)}
+    for holder in range(world_size):
+        key = inventory_key(generation, holder)
+        if not store.check([key]):
+            continue
+        doc = json.loads(store.get(key).decode())
+        for src, versions in doc["sources"].items():
+            out.setdefault(int(src), {})[holder] = [tuple(v) for v in versions]
+    return out
+
+
+_live_services: "weakref.WeakSet[ReplicationService]" = weakref.WeakSet()
+_atexit_registered = False
+
+
+def _close_at_exit(service: "ReplicationService") -> None:
+    """Close services still open at interpreter exit, while daemon threads can still run: a thread
+    woken inside gloo during finalization would abort the process ("terminate called ...")."""
+    global _atexit_registered
+    if not _atexit_registered:
+        atexit.register(lambda: [s.close(timeout_s=1.0) for s in list(_live_services)])
+        _atexit_registered = True
+    _live_services.add(service)
+
+
+class ReplicationService:
+    """Shadow replicas of every rank's snapshot in k peers' host memory (see the module docstring).
+
+    The constructor is collective over the default group when `group` is None (every rank builds
+    its service in the same order): it creates the dedicated replication group, exchanges snapshot
+    sizes and raises the same ConfigError on every rank when k does not fit the world/nodes or a
+    rank's own buffers plus its replicas exceed `max_host_memory_gb`. `rank` and `world_size` are
+    ranks in the replication group (the default group's when it is created here).
+    """
+
+    def __init__(self, cfg: FastFailoverConfig, rank: int, world_size: int, node_of: Sequence[int],
+                 snapshot_bytes: int, store=None, generation: int = 0, group=None, *,
+                 peer_timeout_s: Optional[float] = None, close_timeout_s: float = 5.0,
+                 warmup_steps: int = 1, baseline_steps: int = 3, rebaseline_every_steps: int = 1000) -> None:
+        self.cfg, self.rank, self.world_size, self.generation = cfg, rank, world_size, generation
+        self.k = cfg.replication_factor if cfg.enabled else 0
+        self.store = store
+        self.peer_timeout_s = float(peer_timeout_s if peer_timeout_s is not None else cfg.heartbeat_timeout_s)
+        self.close_timeout_s = close_timeout_s
+        self.chunk_bytes = round_chunk_bytes(cfg.chunk_bytes)
+        self.hooks = TransportHooks()  # replaced by fftrainer_ds.testing.faults
+        self.holders: List[int] = []
+        self.sources: List[int] = []
+        self.group = None
+        self._own_group = False
+        self._closed = False
+        self._lock = threading.Lock()
+        self._publish_lock = threading.Lock()
+        self._gate_cond = threading.Condition()
+        self._window_open = True
+        self._paused = False
+        self._counters = dict(bytes_sent=0, versions_committed=0, versions_dropped=0,
+                              versions_superseded=0)
+        self._peer_errors: Dict[int, str] = {}
+        self._first_offered: Optional[int] = None
+        self._last_offered: Optional[Version] = None
+        self._bytes_at_last_step = 0
+        self._replicas: Dict[int, SourceReplica] = {}
+        self._senders: Dict[int, SenderThread] = {}
+        self._receivers: Dict[int, ReceiverThread] = {}
+        self._abandoned: List[str] = []
+        self._aimd: Optional[AimdThrottle] = None
+        self._bucket: Optional[TokenBucket] = None
+        if self.k == 0:
+            return
+        if cfg.replication_backend != "gloo":
+            raise ConfigError(f"fast_failover.replication_backend={cfg.replication_backend!r} is not implemented "
+                              "yet (NCCL send/recv from several threads needs per-pair communicators); use 'gloo'")
+        table = placement(world_size, self.k, node_of)  # ConfigError before any collective
+        self.holders = replica_holders(rank, world_size, self.k, node_of)
+        self.sources = sources_held_by(rank, world_size, self.k, node_of)
+        if group is None:
+            group = dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.collective_timeout_s))
+            self._own_group = True
+        self.group = group
+        sizes = self._gather_sizes(int(snapshot_bytes))
+        try:
+            self._check_memory(table, sizes)
+        except ConfigError:
+            if self._own_group:
+                dist.destroy_process_group(group)
+            raise
+        self._checksum = ops.get_backend("reference" if cfg.snapshot_backend == "reference" else "auto",
+                                         threads=1).checksum
+        fixed = cfg.max_bandwidth_mbps * MB if cfg.max_bandwidth_mbps else None
+        self._bucket = TokenBucket(fixed, burst_bytes=self.chunk_bytes)
+        self._aimd = AimdThrottle(cfg.max_overhead_pct, max_rate_bps=fixed, warmup_steps=warmup_steps,
+                                  baseline_steps=baseline_steps, rebaseline_every_steps=rebaseline_every_steps) \
+            if cfg.adaptive_throttle else None
+        self._paused = False  # the baseline pause starts with the first on_step()
+        channel = self._channel = Channel(group)
+        for src in self.sources:
+            self._replicas[src] = SourceReplica(src)
+            self._receivers[src] = ReceiverThread(
+                channel, src, generation, self._replicas[src], self.peer_timeout_s, self._checksum,
+                lambda: self.hooks, self._on_commit, self._on_bad_version, self._on_drop)
+        for dst in self.holders:
+            self._senders[dst] = SenderThread(
+                channel, rank, dst, generation, self.peer_timeout_s, self._gate, self._bucket.acquire,
+                lambda: self.hooks, self._on_sent, self._on_drop, self._on_superseded)
+        self._publish()
+        for t in list(self._receivers.values()) + list(self._senders.values()):
+            t.start()
+        self._watchdog_stop = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch, name="ffrepl-watchdog", daemon=True)
+        self._watchdog.start()
+        _close_at_exit(self)
+
+    # ---- construction helpers -------------------------------------------------------------
+    def _gather_sizes(self, nbytes: int) -> List[int]:
+        mine = torch.tensor([nbytes], dtype=torch.int64)
+        out = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
+        dist.all_gather(out, mine, group=self.group)
+        return [int(t.item()) for t in out]
+
+    def _check_memory(self, table: List[List[int]], sizes: List[int]) -> None:
+        budget = self.cfg.max_host_memory_gb
+        if budget is None:
+            return
+        nbuf = self.cfg.max_snapshot_buffers
+        for r in range(self.world_size):
+            held = [s for s in range(self.world_size) if r in table[s]]
+            own, replicas = nbuf * sizes[r], 2 * sum(sizes[s] for s in held)
+            if own + replicas > budget * GB:
+                raise ConfigError(
+                    f"fast_failover.max_host_memory_gb={budget}: rank {r} needs {(own + replicas) / GB:.3f} GB = "
+                    f"{nbuf} own snapshot buffers x {sizes[r]} bytes ({own / GB:.3f} GB) + 2 buffers for each of "
+                    f"{len(held)} replicas at replication_factor={self.k} ({replicas / GB:.3f} GB)")
+
+    # ---- engine-facing calls -------------------------------------------------------------------
+    def offer(self, ref) -> None:
+        """Replicate `ref` (a SnapshotRef lease, handed over): never blocks; the lease is released
+        when every live holder got it or a newer offer superseded it (immediately if none)."""
+        if self.k == 0 or self._closed:
+            ref.release()
+            return
+        if ref.buffer.dtype != torch.uint8 or ref.buffer.device.type != "cpu" or not ref.buffer.is_contiguous():
+            ref.release()
+            raise ValueError(f"offer: the snapshot buffer must be a contiguous uint8 CPU tensor, got "
+                             f"{ref.buffer.dtype} on {ref.buffer.device}")
+        v = OutgoingVersion(ref, self.chunk_bytes, self._checksum)
+        with self._lock:
+            if self._first_offered is None:
+                self._first_offered = v.step
+            self._last_offered = (v.generation, v.step)
+        for sender in self._senders.values():
+            sender.submit(v)
+        v.unref()
+
+    def set_window(self, open: bool) -> None:
+        """True while the engine computes (forward/backward); False around its optimizer step and
+        collectives. Senders finish the chunk on the wire and wait while it is False."""
+        with self._gate_cond:
+            self._window_open = bool(open)
+            self._gate_cond.notify_all()
+
+    def on_step(self, step: int, step_time_s: float) -> None:
+        """Feed one optimizer step's wall time to the adaptive throttle (no-op without it)."""
+        if self._aimd is None:
+            return
+        with self._lock:
+            sent = self._counters["bytes_sent"] - self._bytes_at_last_step
+            self._bytes_at_last_step = self._counters["bytes_sent"]
+        self._aimd.observe(step_time_s, sent)
+        self._bucket.set_rate(self._aimd.rate_bps)
+        with self._gate_cond:
+            self._paused = self._aimd.paused
+            self._gate_cond.notify_all()
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every live holder was sent the latest offered version (the holder commits it
+        right after); False on timeout. Sending needs the window open and no baseline pause."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(s.dropped is not None or s.idle() for s in self._senders.values()):
+                return True
+            time.sleep(0.005)
+        return False
+
+    # ---- queries -------------------------------------------------------------------------------
+    def local_inventory(self) -> Dict[int, List[Version]]:
+        """source rank -> committed (generation, step) versions held on this rank."""
+        out = {}
+        for src, rep in self._replicas.items():
+            v = rep.committed_version()
+            out[src] = [v] if v is not None else []
+        return out
+
+    def replica_inventory(self) -> Dict[int, Dict[int, List[Version]]]:
+        """source -> {holder -> versions} over all ranks. COLLECTIVE over the replication group;
+        when that fails (a rank is dead) it reads what holders published to `store`."""
+        out: Dict[int, Dict[int, List[Version]]] = {src: {} for src in range(self.world_size)}
+        if self.k == 0:
+            return out
+        gathered: List[Any] = [None] * self.world_size
+        try:
+            dist.all_gather_object(gathered, self.local_inventory(), group=self.group)
+        except Exception as exc:
+            if self.store is None:
+                raise RecoverableError(f"replica_inventory: gather over the replication group failed ({exc}) "
+                                       "and no store was given") from exc
+            logger.warning("replica_inventory: gather failed (%s); reading the store", exc)
+            return read_inventory(self.store, self.generation, self.world_size)
+        for holder, inv in enumerate(gathered):
+            for src, versions in inv.items():
+                out[src][holder] = [tuple(v) for v in versions]
+        return out
+
+    def replica(self, src: int) -> Optional[ReplicaRef]:
+        """A lease on the committed replica of `src` held here (None if none); release it."""
+        rep = self._replicas.get(src)
+        return rep.lease() if rep is not None else None
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters: bytes_sent, versions_sent (fully sent, summed over holders), versions_committed and
+        versions_dropped (as a holder; dropped: failed verification, incomplete, or no free buffer
+        because a reader held the other one; each logged with its reason), versions_superseded, current_rate_mbps (None: unlimited),
+        lag_steps (latest offered step minus the oldest step fully sent to a live holder),
+        dropped_peers (ranks), peer_errors ({rank: reason}), phase, baseline_step_s, backoffs."""
+        with self._lock:
+            out: Dict[str, Any] = dict(self._counters)
+            out["peer_errors"] = dict(self._peer_errors)
+        out["versions_sent"] = sum(s.versions_sent for s in self._senders.values())
+        rate = self._bucket.rate_bps if self.k else None
+        out["current_rate_mbps"] = None if rate is None else rate / MB
+        out["lag_steps"] = self._lag_steps()
+        out["dropped_peers"] = sorted(out["peer_errors"])
+        out["phase"] = "off" if self.k == 0 else (self._aimd.phase if self._aimd else "fixed")
+        out["baseline_step_s"] = self._aimd.baseline_s if self._aimd else None
+        out["backoffs"] = self._aimd.backoffs if self._aimd else 0
+        out["holders"], out["sources"] = list(self.holders), list(self.sources)
+        return out
+
+    def _lag_steps(self) -> int:
+        with self._lock:
+            last, first = self._last_offered, self._first_offered
+        if last is None:
+            return 0
+        lags = [last[1] - s.delivered[1] if s.delivered else last[1] - first + 1
+                for s in self._senders.values() if s.dropped is None]
+        return max(lags, default=0)
+
+    # ---- shutdown -------------------------------------------------------------------------------
+    def close(self, timeout_s: Optional[float] = None) -> None:
+        """Stop every thread; returns within about `timeout_s` (default close_timeout_s) + 1 s whatever
+        the peers do. Senders end their streams with CLOSE and receivers wait for their sources'
+        CLOSE until the deadline; threads still blocked then (a silent, stalled or dropped peer) are
+        woken by interrupting the whole replication group (peers still sending to this rank see
+        their stream fail and drop it). Replicas stay readable. Also run at interpreter exit."""
+        if self._closed:
+            return
+        self._closed = True
+        deadline = time.monotonic() + (self.close_timeout_s if timeout_s is None else timeout_s)
+        if self.k == 0:
+            return
+        self._watchdog_stop.set()  # from here on blocked threads are woken, not reported
+        threads = [(f"sender to {d}", t) for d, t in self._senders.items()] + \
+                  [(f"receiver from {s}", t) for s, t in self._receivers.items()]
+        for _, t in threads:
+            t.stop()
+        with self._gate_cond:
+            self._gate_cond.notify_all()
+        for _, t in threads:  # a dropped peer's thread may be blocked for good: do not wait for it
+            t.join(0.0 if t.dropped is not None else max(0.0, deadline - time.monotonic()))
+        blocked = [(n, t) for n, t in threads if t.thread.is_alive()]
+        if blocked and self._channel.interrupt_all(self.rank, self.world_size):
+            for _, t in blocked:
+                t.join(1.0)
+        self._abandoned = [n for n, t in blocked if t.thread.is_alive()]
+        if self._abandoned:
+            logger.warning("replication: close() left blocked threads behind (%s)", ", ".join(self._abandoned))
+        elif self._own_group and self.group is not None:
+            try:
+                dist.destroy_process_group(self.group)
+            except Exception as exc:  # the default group may already be gone
+                logger.debug("replication: destroying the group failed: %s", exc)
+
+    # ---- thread callbacks -----------------------------------------------------------------------
+    def _watch(self) -> None:
+        """Drop a peer whose send (holder side stalled) or data recv (source stalled) overruns
+        peer_timeout_s; the thread blocked in it is abandoned (see transport.py)."""
+        period = min(0.2, self.peer_timeout_s / 5)
+        while not self._watchdog_stop.wait(period):
+            now = time.monotonic()
+            for t in list(self._senders.values()) + list(self._receivers.values()):
+                if t.watch.overdue(now):
+                    t.expire()
+
+    def _gate(self, stop: threading.Event) -> bool:
+        with self._gate_cond:
+            while not stop.is_set() and not (self._window_open and not self._paused):
+                self._gate_cond.wait(0.2)
+        return not stop.is_set()
+
+    def _on_sent(self, nbytes: int) -> None:
+        with self._lock:
+            self._counters["bytes_sent"] += nbytes
+
+    def _on_superseded(self) -> None:
+        with self._lock:
+            self._counters["versions_superseded"] += 1
+
+    def _on_commit(self, src: int, version: Version) -> None:
+        with self._lock:
+            self._counters["versions_committed"] += 1
+        self._publish()
+
+    def _on_bad_version(self, src: int, version: Version, reason: str) -> None:
+        with self._lock:
+            self._counters["versions_dropped"] += 1
+        logger.warning("replication: version (generation %d, step %d) of source rank %d dropped on rank %d: %s",
+                       version[0], version[1], src, self.rank, reason)
+
+    def _on_drop(self, peer: int, reason: str) -> None:
+        with self._lock:
+            self._peer_errors.setdefault(peer, reason)
+
+    def _publish(self) -> None:
+        if self.store is None:
+            return
+        with self._publish_lock:
+            doc = {"holder": self.rank, "generation": self.generation,
+                   "sources": {str(s): [list(v) for v in vs] for s, vs in self.local_inventory().items()}}
+            try:
+                self.store.set(inventory_key(self.generation, self.rank), json.dumps(doc))
+            except Exception as exc:  # the store going away must not kill a receiver
+                logger.warning("replication: publishing the inventory failed: %s", exc)

@@ -1,0 +1,105 @@
+"""Fault injection for the replication transport (for tests, ours and users').
+
+Install on one rank's `ReplicationService` and add rules; the rules run inside that rank's
+transport threads:
+
+    f = faults.install(svc)
+    f.corrupt_chunk(dst=1, step=3, chunk_index=1)   # flip a byte of that chunk on the wire
+    f.stall_receiver(seconds=30, src=0)             # the receiver of source 0 stops reading
+    f.kill_receiver(src=0)                          # ... or its thread dies
+
+Corruption happens on a copy on the source side after the chunk's checksum was computed, so the
+source's own snapshot is untouched and the holder sees exactly what a corrupted wire would give.
+Receiver faults act before the receiver's next header recv (the message it is blocked on, if any,
+is still read first); a stall is a plain sleep that `close()` cannot cut short.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from ..replication.transport import ChunkHeader, TransportHooks
+
+
+class InjectedFault(RuntimeError):
+    """Raised inside a transport thread by `kill_receiver`."""
+
+
+@dataclass
+class _Rule:
+    kind: str  # "corrupt", "stall", "kill"
+    peer: Optional[int]  # dst for corrupt, src for receiver faults; None: any
+    step: Optional[int] = None
+    chunk_index: Optional[int] = None
+    seconds: float = 0.0
+    times: int = 1
+
+
+class ReplicationFaults(TransportHooks):
+    """The hooks object holding the rules; counters say what fired."""
+
+    def __init__(self) -> None:
+        self._rules: List[_Rule] = []
+        self._lock = threading.Lock()
+        self.corrupted = 0
+        self.stalled = 0
+        self.killed = 0
+
+    def corrupt_chunk(self, dst: Optional[int] = None, step: Optional[int] = None, chunk_index: Optional[int] = 0,
+                      times: int = 1) -> None:
+        """Corrupt the next `times` matching chunks sent to `dst` (None: any) of `step` (None: any)."""
+        self._add(_Rule("corrupt", dst, step, chunk_index, times=times))
+
+    def stall_receiver(self, seconds: float, src: Optional[int] = None) -> None:
+        """The receiver thread of `src` (None: the first that gets there) sleeps `seconds` once."""
+        self._add(_Rule("stall", src, seconds=seconds))
+
+    def kill_receiver(self, src: Optional[int] = None) -> None:
+        """The receiver thread of `src` (None: the first that gets there) raises InjectedFault once."""
+        self._add(_Rule("kill", src))
+
+    def _add(self, rule: _Rule) -> None:
+        with self._lock:
+            self._rules.append(rule)
+
+    def _take(self, kind: str, peer: int, header: Optional[ChunkHeader] = None) -> Optional[_Rule]:
+        with self._lock:
+            for rule in self._rules:
+                if rule.kind != kind or rule.times <= 0 or rule.peer not in (None, peer):
+                    continue
+                if header is not None and ((rule.step is not None and rule.step != header.step) or
+                                           (rule.chunk_index is not None and rule.chunk_index != header.index)):
+                    continue
+                rule.times -= 1
+                return rule
+        return None
+
+    # ---- TransportHooks ----
+    def before_send(self, dst: int, header: ChunkHeader, data: torch.Tensor) -> torch.Tensor:
+        if self._take("corrupt", dst, header) is None:
+            return data
+        bad = data.clone()
+        if bad.numel():
+            bad[bad.numel() // 2] ^= 0x5A
+        self.corrupted += 1
+        return bad
+
+    def before_recv(self, src: int) -> None:
+        rule = self._take("stall", src)
+        if rule is not None:
+            self.stalled += 1
+            time.sleep(rule.seconds)
+        if self._take("kill", src) is not None:
+            self.killed += 1
+            raise InjectedFault(f"injected fault: receiver thread of source {src} killed")
+
+
+def install(service) -> ReplicationFaults:
+    """Attach (or return the already attached) fault hooks of a ReplicationService."""
+    if not isinstance(service.hooks, ReplicationFaults):
+        service.hooks = ReplicationFaults()
+    return service.hooks
