@@ -148,6 +148,8 @@ class FailoverEngine(DeepSpeedEngine):
                     backend=ff.snapshotter.packer.backend.name)
 
     def destroy(self):
+        if self._ff_ctl is not None:
+            self._ff_ctl.agent.finish()  # teardown may take seconds without heartbeats: not a hang
         if self._ff is not None:
             self._ff.close()
         return super().destroy()

@@ -13,6 +13,7 @@ its engine normally, then runs the same `exchange_and_restore()` and returns to 
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -58,6 +59,7 @@ class FailoverController:
 
     def __init__(self, agent: membership.Agent, spec: RebuildSpec):
         self.agent = agent
+        atexit.register(agent.finish)  # a script that never calls engine.destroy() still exits cleanly
         self.spec = spec
         self.recoveries: List[Dict[str, Any]] = []
         self.abandoned = False  # the rest of the user iteration interrupted by a recovery is skipped
