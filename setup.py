@@ -27,7 +27,7 @@ def want_cuda() -> bool:
 def native_extension():
     sources = [f"{CSRC}/bindings.cpp", f"{CSRC}/pack_cpu.cpp"]
     if want_cuda():
-        sources += [f"{CSRC}/pack_kernels.cu", f"{CSRC}/cuda_glue.cpp"]
+        sources += [f"{CSRC}/pack_kernels.cu"]
         return cpp_extension.CUDAExtension(
             "fftrainer_ds._C", sources,
             define_macros=[("FFTRAINER_WITH_CUDA", "1")],

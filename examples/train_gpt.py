@@ -8,7 +8,6 @@ step, as the rank saw it) and writes OUT/final.rank{R}.json (a digest of its fin
 optimizer shard) when done, so a run with failures can be compared bitwise with one without.
 """
 import argparse
-import hashlib
 import json
 import os
 import random
@@ -21,6 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fftrainer_ds  # noqa: E402
 from fftrainer_ds import ds_adapter  # noqa: E402
+from fftrainer_ds.testing.digest import model_digest  # noqa: E402
 from fftrainer_ds.testing.models import TinyGPT, TokenDataset, ds_config  # noqa: E402
 
 
@@ -70,7 +70,8 @@ def main():
     data_iter = iter(loader)
     while engine.global_steps < a.steps:          # the documented loop: no recovery code
         step = engine.global_steps + 1
-        if step == a.raise_at_step and rank == a.raise_rank and not os.environ.get("FFTRAINER_REPLACEMENT"):
+        original = ".w" in os.environ.get("FFTRAINER_SLOT", ".w")  # not a spare or restarted replacement
+        if step == a.raise_at_step and rank == a.raise_rank and original:
             raise RuntimeError(f"injected user exception on rank {rank} at step {step}")
         loss = engine(next(data_iter))
         engine.backward(loss)
@@ -89,15 +90,11 @@ def main():
             time.sleep(a.step_sleep)
     if bar is not None:
         bar.close()
-    h = hashlib.sha256()
-    for t in ds_adapter.local_param_tensors(engine):
-        h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    sd = ds_adapter.optimizer_state(engine)
-    for t in sd.get("single_partition_of_fp32_groups", sd.get("fp32_flat_groups", [])):
-        h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    digest = model_digest(engine)  # full weights + fp32 master + Adam moments, padding-free
     with open(os.path.join(a.out, f"final.rank{rank}.json"), "w") as f:
-        json.dump({"rank": rank, "digest": h.hexdigest(), "steps": engine.global_steps,
-                   "recoveries": engine.recoveries if not a.no_failover else []}, f, default=str)
+        json.dump({"rank": rank, "digest": digest, "steps": engine.global_steps,
+                   "recoveries": engine.recoveries if not a.no_failover else [],
+                   "snapshot": engine.snapshot_stats() if not a.no_failover else {}}, f, default=str)
     engine.destroy()
     torch.distributed.destroy_process_group()
 

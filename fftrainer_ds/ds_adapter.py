@@ -33,6 +33,7 @@ def build_engine(engine_cls, *, args, model, optimizer, model_parameters, traini
     import deepspeed as ds
 
     zero.partition_parameters.shutdown_init_context()
+    reset_zero3_counters()  # a process that built an engine before (a warmed-up spare) numbers params anew
     dist.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                           distributed_port=distributed_port, dist_init_required=dist_init_required)
     if mesh_param:

@@ -126,7 +126,9 @@ class FailoverEngine(DeepSpeedEngine):
         position = snap_state.apply(self, snap_state.load_tree(parsed))
         if position is not None and isinstance(self.training_dataloader, ResumableDataLoader):
             self.training_dataloader.load_state_dict(position)
-        ff.snapshotter.pool.drop_newer_than(parsed.step)
+        ff.rolled_back(parsed.step)
+        if ff.snapshotter.pool.committed_step != parsed.step:  # restored from elsewhere: hold it as our own
+            ff.snapshotter.adopt(parsed.buffer, parsed.step)
         ff._last_step_end = None
         logger.info("fftrainer_ds: rank %d restored step %d from %s", self.global_rank, parsed.step, source)
         return parsed.step

@@ -18,6 +18,7 @@ from . import ds_adapter, ops
 from .config import FastFailoverConfig
 from .errors import ConfigError
 from .snapshot import state as snap_state
+from .snapshot.interval import make_interval_policy
 from .snapshot.persist import Persister
 from .snapshot.snapshotter import Snapshotter
 
@@ -59,9 +60,13 @@ class FailoverRuntime:
         self.snapshotter.generation = generation
         self.persister = Persister()
         self.replication = None
-        self.previous_replication = None  # the last generation's service: its replicas feed a recovery
+        # Closed services of earlier generations with the last step still valid in each: their
+        # replicas feed a recovery (a rollback to R makes their versions after R stale).
+        self.old_replication: List[list] = []
         self.snapshotter.add_listener(self._offer)
         self._start_replication(engine)
+        self.interval = make_interval_policy(cfg.snapshot_interval_steps, cfg.snapshot_overhead_budget_pct)
+        self._in_flight = False
         self.paused = False
         self.step_times_s: List[float] = []
         self._last_step_end: Optional[float] = None
@@ -96,8 +101,8 @@ class FailoverRuntime:
         self.snapshotter.fence()
         old, self.replication = self.replication, None
         if old is not None:
-            old.close()
-            self.previous_replication = old
+            old.close(timeout_s=0.5)
+            self.old_replication = (self.old_replication + [[old, float("inf")]])[-4:]
         self.generation = generation
         self.snapshotter.generation = generation
         self.store = store if store is not None else self.store
@@ -105,20 +110,23 @@ class FailoverRuntime:
         self._last_step_end = None
         self._start_replication(engine)
 
+    def _services(self):
+        """(service, last valid step) pairs, newest first."""
+        live = [(self.replication, float("inf"))] if self.replication is not None else []
+        return live + [(svc, valid) for svc, valid in reversed(self.old_replication)]
+
     def held_replica_steps(self) -> Dict[int, List[int]]:
-        """source rank -> steps of the committed replicas held here (current and previous service)."""
-        out: Dict[int, List[int]] = {}
-        for svc in (self.previous_replication, self.replication):
-            if svc is not None:
-                for src, versions in svc.local_inventory().items():
-                    out.setdefault(src, [])
-                    out[src] = sorted(set(out[src]) | {step for _, step in versions})
-        return out
+        """source rank -> steps of the committed replicas held here (this and earlier generations)."""
+        out: Dict[int, set] = {}
+        for svc, valid in self._services():
+            for src, versions in svc.local_inventory().items():
+                out.setdefault(src, set()).update(step for _, step in versions if step <= valid)
+        return {src: sorted(steps) for src, steps in out.items()}
 
     def lease_replica(self, src: int, step: int):
         """A lease on the held replica of `src` at `step`, or None."""
-        for svc in (self.replication, self.previous_replication):
-            if svc is None:
+        for svc, valid in self._services():
+            if step > valid:
                 continue
             ref = svc.replica(src)
             if ref is not None and ref.step == step:
@@ -126,6 +134,12 @@ class FailoverRuntime:
             if ref is not None:
                 ref.release()
         return None
+
+    def rolled_back(self, step: int) -> None:
+        """After a restore of `step`: later versions anywhere are a future that will not happen."""
+        for entry in self.old_replication:
+            entry[1] = min(entry[1], step)
+        self.snapshotter.pool.drop_newer_than(step)
 
     # ---- hooks (called by the engine) -----------------------------------------------------------
     def before_optimizer_step(self) -> None:
@@ -139,8 +153,11 @@ class FailoverRuntime:
         self._last_step_end = now
         if step_time is not None:
             self.step_times_s.append(step_time)
+            # step N's pack overlaps step N+1: this step carried a pack iff the previous one started one
+            self.interval.observe_step(step_time, self._in_flight)
         step = engine.global_steps
-        if not self.paused and step % self._interval() == 0:
+        self._in_flight = not self.paused and self.interval.should_snapshot(step)
+        if self._in_flight:
             self.snapshotter.begin(step, snap_state.capture(engine, engine._ff_data_position()))
         if self.replication is not None:
             self.replication.set_window(True)
@@ -154,15 +171,12 @@ class FailoverRuntime:
         if engine.steps_per_print() and step % engine.steps_per_print() == 0:
             self.report(engine, step)
 
-    def _interval(self) -> int:
-        interval = self.cfg.snapshot_interval_steps
-        return 1 if interval == "auto" else int(interval)  # CPU packs overlap fully; GPU policy: interval.py
-
     # ---- metrics ----------------------------------------------------------------------------------
     def metrics(self) -> Dict[str, Any]:
         s = self.snapshotter
         out: Dict[str, Any] = {"snapshot_bytes": s.last_bytes, "pack_ms": 1e3 * s.last_pack_s,
-                               "fence_wait_ms": 1e3 * s.last_fence_wait_s, "snapshots": s.snapshots_taken}
+                               "fence_wait_ms": 1e3 * s.last_fence_wait_s, "snapshots": s.snapshots_taken,
+                               "snapshot_interval_steps": self.interval.interval, "rpo_steps": self.interval.rpo_steps}
         if self.replication is not None:
             st = self.replication.stats()
             out.update({f"replication_{k}": v for k, v in st.items() if isinstance(v, (int, float))})
@@ -182,6 +196,6 @@ class FailoverRuntime:
         try:
             self.snapshotter.fence()
         finally:
-            if self.replication is not None:
-                self.replication.close()
+            for svc, _ in self._services():
+                svc.close()
             self.persister.wait()

@@ -33,7 +33,11 @@ def _native(threads: int) -> Backend:
     from fftrainer_ds import _C  # noqa: WPS433 (deliberately lazy: the build may be absent)
 
     def pack(dst, srcs, offsets):
-        return _C.pack(dst, [s.detach() for s in srcs], [int(o) for o in offsets], threads)
+        srcs = [s.detach() for s in srcs]
+        if srcs and srcs[0].is_cuda:  # device sources: one CUDA launch, checksums come back as int64
+            sums = _C.pack_cuda(dst, srcs, [int(o) for o in offsets]).cpu().tolist()
+            return [x & 0xFFFFFFFFFFFFFFFF for x in sums]
+        return _C.pack(dst, srcs, [int(o) for o in offsets], threads)
 
     def checksum(data):
         return _C.checksum(data, threads)
@@ -58,7 +62,7 @@ def get_backend(name: str = "auto", threads: int = 0) -> Backend:
     key = (name, threads)
     if key in _cache:
         return _cache[key]
-    if name == "reference" or os.environ.get("FFTRAINER_FORCE_REFERENCE") == "1" and name == "auto":
+    if name == "reference" or (name == "auto" and os.environ.get("FFTRAINER_FORCE_REFERENCE") == "1"):
         backend = _REFERENCE
     elif name == "native":
         try:

@@ -26,6 +26,8 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
 def checksum_parts(data: torch.Tensor, first_word: int = 0) -> tuple[int, int]:
     """Partial sums (a, b) of FF31 over a uint8 tensor whose first word has index first_word."""
     data = data.reshape(-1).cpu()
+    if data.storage_offset() % 4:
+        data = data.clone()  # an int32 view needs 4-byte aligned storage
     nbytes = data.numel()
     pad = (-nbytes) % 4
     if pad:

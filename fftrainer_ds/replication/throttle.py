@@ -80,9 +80,12 @@ class TokenBucket:
 class AimdThrottle:
     """Adaptive replication rate from step times (not thread-safe: the training thread drives it).
 
-    Phases: `warmup_steps` ignored steps, then `baseline_steps` with replication paused (`paused`
-    is True: the service holds its senders) whose median is the baseline; then replicating. Every
-    `rebaseline_every_steps` (0: never) the baseline is measured again the same way.
+    Phases: `warmup_steps` ignored steps (replicating), then the baseline: replication is paused
+    (`paused` is True: the service holds its senders) on every other step until `baseline_steps`
+    paused steps were seen, and their median is the baseline; then replicating. Pausing alternate
+    steps, never several in a row, bounds the replica lag to 2 steps while the baseline is
+    measured (a recovery needs a step that survivors still hold). Every `rebaseline_every_steps`
+    (0: never) the baseline is measured again the same way.
 
     While replicating, each call of `observe()` adds one step time to a window of `window_steps`.
     With a full window whose median exceeds baseline * (1 + max_overhead_pct/100), and bytes sent
@@ -117,6 +120,7 @@ class AimdThrottle:
         self._reference_bps: Optional[float] = max_rate_bps  # scale of the additive increment
         self._state = "warmup" if warmup_steps > 0 else "baseline"
         self._to_skip = warmup_steps
+        self._pausing = True  # in the baseline phase: is the current step a paused one
         self._samples: list = []
         self._since_baseline = 0
         self._window: Deque[float] = deque(maxlen=window_steps)
@@ -125,8 +129,8 @@ class AimdThrottle:
 
     @property
     def paused(self) -> bool:
-        """True while the baseline is measured: the service must not send."""
-        return self._state != "replicating"
+        """True on the paused steps of the baseline measurement: the service must not send."""
+        return self._state == "baseline" and self._pausing
 
     @property
     def phase(self) -> str:
@@ -144,10 +148,11 @@ class AimdThrottle:
         if self._state == "warmup":
             self._to_skip -= 1
             if self._to_skip <= 0:
-                self._state = "baseline"
+                self._state, self._pausing = "baseline", True
             return
         if self._state == "baseline":
-            self._samples.append(step_time_s)
+            if self._pausing:  # this step ran with replication paused: a baseline sample
+                self._samples.append(step_time_s)
             if len(self._samples) >= self.baseline_steps:
                 self.baseline_s = statistics.median(self._samples)
                 self._samples = []
@@ -155,10 +160,12 @@ class AimdThrottle:
                 self._since_baseline = 0
                 self._window.clear()
                 self._window_bytes.clear()
+            else:
+                self._pausing = not self._pausing
             return
         self._since_baseline += 1
         if self.rebaseline_every_steps and self._since_baseline >= self.rebaseline_every_steps:
-            self._state = "baseline"
+            self._state, self._pausing = "baseline", True
             return
         self._window.append(step_time_s)
         self._window_bytes.append(sent_bytes)

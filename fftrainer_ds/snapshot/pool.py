@@ -30,10 +30,11 @@ def _mlock(t: torch.Tensor) -> bool:
 
 def alloc_host(nbytes: int, pin: bool) -> torch.Tensor:
     """A host uint8 buffer: CUDA-pinned when CUDA is available, else mlock'ed when permitted."""
+    # Zeroed: packers write segments only, and the format requires zero padding between them;
+    # zeroing also faults the pages in now rather than during the first pack.
     if pin and torch.cuda.is_available():
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    buf = torch.empty(nbytes, dtype=torch.uint8)
-    buf.fill_(0)  # fault the pages in now, not during the first pack
+        return torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True)
+    buf = torch.zeros(nbytes, dtype=torch.uint8)
     if pin and not _mlock(buf) and not getattr(alloc_host, "_warned", False):
         alloc_host._warned = True
         logger.info("fftrainer_ds: mlock refused (RLIMIT_MEMLOCK); snapshot buffers are pageable")

@@ -95,6 +95,9 @@ class Snapshotter:
         self.last_bytes = layout.total_bytes
         self.last_pack_s = time.perf_counter() - t0
         self.snapshots_taken += 1
+        self._notify()
+
+    def _notify(self) -> None:
         for fn in self._listeners:
             ref = self.pool.acquire_committed()
             try:
@@ -102,6 +105,19 @@ class Snapshotter:
             except Exception:  # a listener must never break snapshotting
                 ref.release()
                 logger.exception("fftrainer_ds: snapshot listener failed")
+
+    def adopt(self, data: torch.Tensor, step: int) -> None:
+        """Make verified snapshot bytes obtained elsewhere (a replica, a file) this rank's committed
+        version, and hand it to the listeners: a replacement re-replicates its shard at once."""
+        self.fence()
+        slot = self.pool.writable(data.numel())
+        try:
+            slot.buffer[:data.numel()].copy_(data)
+        except BaseException:
+            self.pool.abandon(slot)
+            raise
+        self.pool.commit(slot, data.numel(), step, self.generation)
+        self._notify()
 
     def fence(self) -> None:
         """Block until the in-flight pack (if any) is committed; re-raise its error."""
