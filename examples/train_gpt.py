@@ -39,6 +39,8 @@ def parse():
     ap.add_argument("--raise-at-step", type=int, default=-1, help="rank --raise-rank raises at this step")
     ap.add_argument("--raise-rank", type=int, default=-1)
     ap.add_argument("--no-failover", action="store_true")
+    ap.add_argument("--ckpt-dir", default=None, help="baseline: DeepSpeed save_checkpoint/load_checkpoint here")
+    ap.add_argument("--ckpt-every", type=int, default=10)
     ap.add_argument("--progress", action="store_true", help="tqdm progress bar on rank 0")
     ap.add_argument("--out", default="/tmp/fftrainer_run")
     ap.add_argument("--local_rank", type=int, default=-1)  # the deepspeed launcher passes it
@@ -67,6 +69,10 @@ def main():
         from tqdm import tqdm
         bar = tqdm(total=a.steps, initial=engine.global_steps, desc="training", unit="step")
 
+    if a.ckpt_dir and os.path.exists(os.path.join(a.ckpt_dir, "latest")):
+        engine.load_checkpoint(a.ckpt_dir)  # what a DeepSpeed user does today after a restart
+        with open(os.path.join(a.out, f"loaded.rank{rank}.json"), "w") as f:
+            json.dump({"step": engine.global_steps, "t": time.time()}, f)
     data_iter = iter(loader)
     while engine.global_steps < a.steps:          # the documented loop: no recovery code
         step = engine.global_steps + 1
@@ -86,6 +92,8 @@ def main():
         elif bar is not None:
             bar.n = engine.global_steps
             bar.refresh()
+        if a.ckpt_dir and engine.global_steps == step and step % a.ckpt_every == 0:
+            engine.save_checkpoint(a.ckpt_dir)
         if a.step_sleep:
             time.sleep(a.step_sleep)
     if bar is not None:

@@ -1,0 +1,163 @@
+"""Recovery time: fftrainer_ds in-place failover vs what a DeepSpeed user has today, and its scaling.
+
+Both sides train examples/train_gpt.py (small GPT, ZeRO-2, CPU/gloo) and lose one rank to SIGKILL at
+step K. RTO = wall time from the kill to the next completed training step.
+
+- ours: `fftrainer-launch` with one hot spare (warmed up before the kill); survivors keep running.
+- baseline: `save_checkpoint` every `--ckpt-every` steps; on the failure every rank is killed and
+  restarted (what the deepspeed launcher + a restart policy do), `load_checkpoint`, and the lost
+  steps are trained again. Its RTO is to the first step after the failed one.
+
+    python benchmarks/recovery.py [--ranks 2 4 8 16] [--kill-step 12] [--ckpt-every 10]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import timedelta
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+from _common import table  # noqa: E402
+
+from fftrainer_ds.testing.chaos import LaunchedJob  # noqa: E402
+
+SCRIPT = os.path.join(ROOT, "examples", "train_gpt.py")
+
+
+def completed(out: str, rank: int):
+    path = os.path.join(out, f"losses.rank{rank}.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+def wait_until(pred, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.01)
+    raise TimeoutError(what)
+
+
+def ours(world: int, kill_step: int, steps: int, tmp: str) -> dict:
+    out = os.path.join(tmp, f"ours{world}")
+    job = LaunchedJob(SCRIPT, ["--steps", str(steps), "--out", out, "--step-sleep", "0.05", "--heartbeat-timeout", "3"],
+                      nproc_per_node=world, spares=1, out_dir=out, heartbeat_timeout_s=3.0).start()
+    try:
+        job._until(lambda: "hot spare warmed up" in job.log() or job.progress(0) >= kill_step + 2, 600,
+                   "spare warm-up")
+        job.wait_step(0, kill_step, timeout_s=600)
+        victim = world // 2
+        t_kill = time.time()
+        job.signal_rank(victim, signal.SIGKILL)
+        rc = job.wait(timeout_s=900)
+        assert rc == 0, job.log()[-3000:]
+    finally:
+        job.stop()
+    with open(os.path.join(out, "final.rank0.json")) as f:
+        rec = json.load(f)["recoveries"][0]
+    after = [x for x in completed(out, 0) if x["t"] > t_kill]
+    t_next = min(x["t"] for x in after)
+    return {"rto_s": t_next - t_kill, "detect_to_step_s": rec["since_detect_s"]["first_step_done"],
+            "detect_s": (rec["detected_at"] or rec["recovery_start"]) - t_kill,
+            "lost_steps": rec["lost_steps"], "restore_s": rec["since_detect_s"].get("restored")}
+
+
+def _spawn_all(world: int, args, env_extra):
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=120))
+    procs = []
+    for r in range(world):
+        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port), TORCHELASTIC_USE_AGENT_STORE="True",
+                   OMP_NUM_THREADS="1", PYTHONPATH=ROOT, **env_extra)
+        procs.append(subprocess.Popen([sys.executable, SCRIPT, *args], env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, start_new_session=True))
+    return store, procs
+
+
+def baseline(world: int, kill_step: int, steps: int, ckpt_every: int, tmp: str) -> dict:
+    out = os.path.join(tmp, f"base{world}")
+    ckpt = os.path.join(tmp, f"ckpt{world}")
+    args = ["--steps", str(steps), "--out", out, "--step-sleep", "0.05", "--no-failover", "--ckpt-dir", ckpt,
+            "--ckpt-every", str(ckpt_every)]
+    store, procs = _spawn_all(world, args, {})
+    try:
+        wait_until(lambda: len(completed(out, 0)) >= kill_step, 600, "baseline reaching the kill step")
+        t_kill = time.time()
+        os.kill(procs[world // 2].pid, signal.SIGKILL)
+        # The deepspeed launcher notices a child exit and kills the rest; then everything restarts.
+        while procs[world // 2].poll() is None:
+            time.sleep(0.01)
+        t_detect = time.time()
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        for p in procs:
+            p.wait()
+        lost_from = max(x["step"] for x in completed(out, 0))
+        store2, procs = _spawn_all(world, args, {})
+        loaded = wait_until(lambda: os.path.exists(os.path.join(out, "loaded.rank0.json")) and
+                            json.load(open(os.path.join(out, "loaded.rank0.json"))), 600, "baseline load")
+        first = wait_until(lambda: [x for x in completed(out, 0) if x["t"] > t_kill and x["step"] > lost_from],
+                           900, "baseline catching up")
+        for p in procs:
+            p.wait(timeout=600)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    return {"rto_s": min(x["t"] for x in first) - t_kill, "detect_s": t_detect - t_kill,
+            "lost_steps": lost_from - loaded["step"], "restart_to_loaded_s": loaded["t"] - t_detect}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8, 16])
+    ap.add_argument("--baseline-ranks", type=int, default=4)
+    ap.add_argument("--kill-step", type=int, default=15)
+    ap.add_argument("--ckpt-every", type=int, default=10)
+    args = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="ffbench_recovery_")
+    steps = args.kill_step + 6
+    w = args.baseline_ranks
+    print(f"# recovery benchmark (CPU, 2 cores, gloo; small GPT ZeRO-2; SIGKILL of rank {w // 2} at step "
+          f"{args.kill_step}; baseline checkpoints every {args.ckpt_every} steps)", flush=True)
+    b = baseline(w, args.kill_step, steps, args.ckpt_every, tmp)
+    o = ours(w, args.kill_step, steps, tmp)
+    print(table([["DeepSpeed today (restart all + load_checkpoint)", w, f"{b['rto_s']:.2f}", b["lost_steps"],
+                  f"restart->loaded {b['restart_to_loaded_s']:.2f} s"],
+                 ["fftrainer_ds (hot spare, in-place)", w, f"{o['rto_s']:.2f}", o["lost_steps"],
+                  f"detect {o['detect_s']:.3f} s, detect->step {o['detect_to_step_s']:.2f} s"]],
+                ["", "ranks", "RTO s (kill -> next step)", "lost steps", "detail"]))
+    print(f"\nratio ours/baseline RTO: {o['rto_s'] / b['rto_s']:.3f}  (target <= 0.05)\n", flush=True)
+    rows, rto = [], {}
+    for n in args.ranks:
+        r = ours(n, args.kill_step, steps, tmp)
+        rto[n] = r
+        rows.append([n, f"{r['rto_s']:.2f}", f"{r['detect_s']:.3f}", f"{r['restore_s']:.3f}",
+                     f"{r['detect_to_step_s']:.2f}", r["lost_steps"]])
+        print(f"  ranks={n}: {r}", flush=True)
+    print(table(rows, ["ranks", "RTO s (kill -> next step)", "detection s", "detect->restored s",
+                       "detect->next step s", "lost steps"]))
+    lo, hi = min(rto), max(rto)
+    print(f"\nRTO({hi})/RTO({lo}) = {rto[hi]['rto_s'] / rto[lo]['rto_s']:.2f} (target <= 1.5); "
+          f"detect->restored ratio {rto[hi]['restore_s'] / max(rto[lo]['restore_s'], 1e-9):.2f}")
+
+
+if __name__ == "__main__":
+    main()
