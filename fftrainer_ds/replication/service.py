@@ -112,6 +112,7 @@ class ReplicationService:
         self._gate_cond = threading.Condition()
         self._window_open = True
         self._paused = False
+        self._held = False  # set_paused(): an explicit hold (benchmarks), on top of the throttle's
         self._counters = dict(bytes_sent=0, versions_committed=0, versions_dropped=0,
                               versions_superseded=0)
         self._peer_errors: Dict[int, str] = {}
@@ -215,6 +216,12 @@ class ReplicationService:
         collectives. Senders finish the chunk on the wire and wait while it is False."""
         with self._gate_cond:
             self._window_open = bool(open)
+            self._gate_cond.notify_all()
+
+    def set_paused(self, paused: bool) -> None:
+        """Hold every sender between chunks (True) or let them go (False); used to pair measurements."""
+        with self._gate_cond:
+            self._held = paused
             self._gate_cond.notify_all()
 
     def on_step(self, step: int, step_time_s: float) -> None:
@@ -351,7 +358,7 @@ class ReplicationService:
 
     def _gate(self, stop: threading.Event) -> bool:
         with self._gate_cond:
-            while not stop.is_set() and not (self._window_open and not self._paused):
+            while not stop.is_set() and not (self._window_open and not self._paused and not self._held):
                 self._gate_cond.wait(0.2)
         return not stop.is_set()
 
