@@ -23,6 +23,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # the store closing at the end is expected
 
 from fftrainer_ds.testing.chaos import LaunchedJob  # noqa: E402
 
@@ -41,7 +42,7 @@ def read(out, world):
 
 
 def run(out, args, kill=None, progress=True):
-    job = LaunchedJob(SCRIPT, ["--steps", str(args.steps), "--out", out, "--step-sleep", "0.05",
+    job = LaunchedJob(SCRIPT, ["--steps", str(args.steps), "--out", out, "--step-sleep", "0.15",
                                "--heartbeat-timeout", "3"],
                       nproc_per_node=args.world, spares=1 if kill else 0, out_dir=out, heartbeat_timeout_s=3)
     job.start()
@@ -50,19 +51,23 @@ def run(out, args, kill=None, progress=True):
     bar = tqdm(total=args.steps, desc="failure run " if kill else "clean run   ", unit="step", disable=not progress)
     killed_at = None
     shown = 0
+    step = 0
     try:
         while job.proc.poll() is None:
             try:
-                step = job.progress(0)
-            except Exception:
-                step = 0
-            bar.n = step
-            bar.refresh()
-            if kill and killed_at is None and step >= args.kill_step:
+                step = max(step, job.progress(0))
+            except Exception:  # store not up yet, or the supervisor just closed it
+                pass
+            if step != bar.n:
+                bar.n = step
+                bar.refresh()
+            warm = "hot spare warmed up" in job.log()
+            if kill and killed_at is None and step >= args.kill_step and warm:
                 pid = job.signal_rank(args.kill_rank, signal.SIGKILL)
                 killed_at = time.time()
                 bar.write(f">>> SIGKILL -> rank {args.kill_rank} (pid {pid}) at step {step}")
-            lines = [ln for ln in job.log().splitlines() if re.search(r"FAILURE|generation \d+ published \(|recovered", ln)]
+            lines = [ln for ln in job.log().splitlines()
+                     if re.search(r"FAILURE|generation \d+ published \(|rank 0 recovered", ln)]
             for ln in lines[shown:]:
                 bar.write("    " + ln.strip()[:160])
             shown = len(lines)

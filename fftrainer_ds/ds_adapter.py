@@ -166,6 +166,27 @@ def release_groups() -> None:
         dist.destroy_process_group()
 
 
+def dismantle_engine(engine) -> None:
+    """Remove DeepSpeed's hooks and group references from a dead generation's engine and module.
+
+    Objects the user may still hold (the last loss and its autograd graph reach the parameters)
+    must not keep the old process group alive: its sockets close only with its last reference.
+    """
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    module = engine.__dict__.get("_modules", {}).get("module")
+    try:
+        DeepSpeedEngine.destroy(engine)  # removes the optimizer's gradient hooks
+    except Exception:  # a half-broken engine: dropping the references below is what matters
+        pass
+    if module is not None:
+        for p in module.parameters():
+            for attr in ("ds_process_group", "_hp_mapping"):
+                if hasattr(p, attr):
+                    setattr(p, attr, None)
+            p.grad = None
+
+
 def reset_zero3_counters() -> None:
     """ZeRO-3 numbers parameters with two process-global counters; a rebuilt engine on a survivor
     must number them like a fresh process does (NOTES-deepspeed.md, "Process groups and recovery")."""

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from .. import ds_adapter
 from ..errors import RecoverableError, TerminalError
 from . import membership
-from .rebuild import RebuildSpec, rebuild_in_place
+from .rebuild import RebuildSpec, rebuild_in_place, release_engine
 from .recovery import Plan, RankInfo, gather_infos, plan_recovery, transfer
 from .template import materialize
 
@@ -73,6 +73,7 @@ class FailoverController:
             if kind == "step":
                 self.abandoned = False
             return None
+        failure = None
         try:
             self.agent.check()
             out = fn()
@@ -82,7 +83,10 @@ class FailoverController:
         except BaseException as exc:
             if not is_comm_failure(exc):
                 raise
-            self.recover(engine, exc)
+            failure = RecoverableError(f"{type(exc).__name__}: {str(exc)[:300]}")
+        if failure is not None:
+            # Recover outside the except block: the traceback's DeepSpeed frames hold the old groups.
+            self.recover(engine, failure)
             if kind == "forward":
                 self.abandoned = True
                 return torch.zeros((), requires_grad=True)
@@ -96,11 +100,14 @@ class FailoverController:
     # ---- survivor ---------------------------------------------------------------------------
     def recover(self, engine, exc: BaseException) -> None:
         t_fail = time.time()
-        at_step = engine.global_steps
+        at_step, rank = engine.global_steps, engine.global_rank
         logger.warning("fftrainer_ds: rank %d: failure seen at step %d (%s: %s); recovering",
                        engine.global_rank, at_step, type(exc).__name__, str(exc)[:200])
         engine._ff.snapshotter.fence()  # our own pack is local: let it finish and commit
         self.agent.report_error(exc)
+        # Drop DeepSpeed's engine and the old groups now: a group's sockets close only when the last
+        # reference goes, and a live peer still blocked in an old collective wakes only then.
+        release_engine(engine)
         g = self.agent.wait_for_generation(after=self.agent.generation)
         for _ in range(_MAX_ATTEMPTS):
             try:
@@ -119,11 +126,14 @@ class FailoverController:
             except BaseException as again:  # a second failure during recovery: next generation
                 if not is_comm_failure(again) and not isinstance(again, membership.GenerationChanged):
                     raise
-                logger.warning("fftrainer_ds: rank %d: failure during recovery (%s); moving past generation %d",
-                               engine.global_rank, str(again)[:200], g)
-                if not isinstance(again, membership.GenerationChanged):
-                    self.agent.report_error(again)
-                g = self.agent.wait_for_generation(after=g)
+                problem = None if isinstance(again, membership.GenerationChanged) else \
+                    RecoverableError(f"{type(again).__name__}: {str(again)[:300]}")
+            logger.warning("fftrainer_ds: rank %d: failure during recovery (%s); moving past generation %d",
+                           rank, problem or "newer generation", g)
+            release_engine(engine)
+            if problem is not None:
+                self.agent.report_error(problem)
+            g = self.agent.wait_for_generation(after=g)
         raise TerminalError(f"recovery did not converge after {_MAX_ATTEMPTS} generations")
 
     # ---- both -------------------------------------------------------------------------------
@@ -221,7 +231,8 @@ def failover_initialize(build: Callable[..., Any], init_kwargs: Dict[str, Any]):
     """`initialize` under fftrainer-launch: join (spares wait here), form the group, build, recover if a replacement."""
     spec = RebuildSpec(init_kwargs)
     if os.environ.get(membership.P.ENV_SPARE_ID) is not None:
-        logger.info("fftrainer_ds: hot spare warmed up in %.2f s", warm_up_spare(build, init_kwargs, spec))
+        took = warm_up_spare(build, init_kwargs, spec)
+        print(f"fftrainer_ds: hot spare warmed up in {took:.2f} s", flush=True)  # the launcher log shows it
     agent = membership.join()
     first_info = agent.info
     replacement = first_info.reason != "start" or os.environ.get(membership.P.ENV_REPLACEMENT) == "1"

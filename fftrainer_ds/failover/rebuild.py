@@ -20,7 +20,7 @@ from .template import materialize, meta_template
 logger = logging.getLogger("fftrainer_ds")
 
 # Attributes of FailoverEngine that survive a rebuild (everything else is DeepSpeed's).
-KEEP = ("ff_config", "_ff", "_ff_spec", "_ff_fingerprint")
+KEEP = ("ff_config", "_ff", "_ff_spec", "_ff_fingerprint", "_ff_ctl")
 
 
 class RebuildSpec:
@@ -61,10 +61,38 @@ class RebuildSpec:
                 for x in self.param_spec]
 
 
+def release_engine(engine) -> None:
+    """Forget DeepSpeed's engine state (optimizer, module, groups) on `engine`, keeping ours.
+
+    The old default group and every subgroup are destroyed and garbage-collected, so their sockets
+    close and peers blocked in an old collective get an error at once instead of a timeout.
+    """
+    import gc
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    old = dist.group.WORLD if dist.is_initialized() else None
+    if "optimizer" in engine.__dict__:
+        ds_adapter.dismantle_engine(engine)
+    kept = {k: engine.__dict__[k] for k in KEEP if k in engine.__dict__}
+    loader = engine.__dict__.get("_ff_loader") or engine.__dict__.get("training_dataloader")
+    engine.__dict__.clear()
+    engine.__dict__.update(kept)
+    engine.__dict__["_ff_loader"] = loader
+    ds_adapter.release_groups()
+    gc.collect()
+    if old is not None and os.environ.get("FFTRAINER_DEBUG_REFS"):
+        holders = [type(r).__name__ for r in gc.get_referrers(old)]
+        logger.warning("fftrainer_ds: old default group still referenced %d times: %s",
+                       sys.getrefcount(old) - 3, holders[:10])
+
+
 def rebuild_in_place(engine, spec: RebuildSpec) -> None:
     """Construct DeepSpeed's engine again on `engine` over the current default process group."""
     kept = {k: engine.__dict__[k] for k in KEEP if k in engine.__dict__}
-    loader = engine.training_dataloader
+    loader = engine.__dict__.pop("_ff_loader", None) or engine.__dict__.get("training_dataloader")
     module = materialize(spec.template, spec.device)
     kwargs = dict(spec.kwargs, model=module, model_parameters=spec.model_parameters(module), training_data=None)
     ds_adapter.reinit_engine(engine, kwargs)

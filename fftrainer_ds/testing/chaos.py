@@ -78,6 +78,7 @@ class LaunchedJob:
         """SIGTERM the supervisor (it stops its children), SIGKILL after 10 s; then check for orphans."""
         if self.proc is None:
             return
+        self._store = None  # the supervisor's store goes away with it
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -107,7 +108,7 @@ class LaunchedJob:
 
     def store(self):
         if self._store is None:
-            self._store = dist.TCPStore("127.0.0.1", self.port(), is_master=False, timeout=timedelta(seconds=30))
+            self._store = dist.TCPStore("127.0.0.1", self.port(), is_master=False, timeout=timedelta(seconds=5))
         return self._store
 
     def generation(self) -> int:
