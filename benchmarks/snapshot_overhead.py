@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 
-def rank_body(stage: int, pairs: int, block: int, d: int, layers: int, dtype: str):
+def rank_body(stage: int, pairs: int, block: int, d: int, layers: int, dtype: str, pack_threads: int):
     import torch
     import torch.distributed as dist
 
@@ -33,7 +33,8 @@ def rank_body(stage: int, pairs: int, block: int, d: int, layers: int, dtype: st
     worker_init_process_group()
     torch.manual_seed(0)
     model = TinyGPT(d=d, layers=layers, seq=64, dropout=0.1)
-    cfg = ds_config(stage, dtype, micro_batch=4, fast_failover={})
+    # Snapshots only (replication has its own benchmark); pack threads share the cores with compute here.
+    cfg = ds_config(stage, dtype, micro_batch=4, fast_failover={"replication_factor": 0, "pack_threads": pack_threads})
     engine, _, loader, _ = fftrainer_ds.initialize(model=model, model_parameters=model.parameters(),
                                                    training_data=TokenDataset(n=8192, seq=64), config=cfg)
     it = iter(loader)
@@ -110,6 +111,7 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=5)
     ap.add_argument("--d", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--pack-threads", type=int, default=1)
     args = ap.parse_args()
     if args.device == "cuda":
         from _gpu_overhead import run_gpu
@@ -123,13 +125,14 @@ def main() -> None:
 
     res = run_ranks("snapshot_overhead:rank_body", args.ranks,
                     dict(stage=args.stage, pairs=args.pairs, block=args.block, d=args.d, layers=args.layers,
-                         dtype=args.dtype),
+                         dtype=args.dtype, pack_threads=args.pack_threads),
                     timeout_s=1800, env={"PYTHONPATH": os.pathsep.join([HERE, os.path.dirname(HERE)])})
     r0 = res[0].value
     ov = paired_overhead(r0["off"], r0["on"])
     st = r0["stats"]
     bw, nbytes = pack_bandwidth()
-    print(f"# snapshot_overhead (CPU, {args.ranks} ranks, ZeRO-{args.stage}, {args.dtype}, "
+    print(f"# snapshot_overhead (CPU, {args.ranks} ranks, ZeRO-{args.stage}, {args.dtype}, pack threads "
+          f"{args.pack_threads}, "
           f"{r0['params'] / 1e6:.2f}M params, {args.pairs} pairs x {args.block} steps)")
     print(table([[f"{ov['off_s'] * 1e3:.1f}", f"{ov['on_s'] * 1e3:.1f}", f"{ov['overhead_pct']:+.2f}%",
                   f"{st['bytes'] / 1e6:.1f}", f"{st['pack_s'] * 1e3:.2f}", st["backend"]]],

@@ -3,7 +3,7 @@ import pytest
 
 from fftrainer_ds.testing import run_ranks
 
-CASES = [(1, 1), (2, 1), (3, 1), (2, 2)]
+CASES = [(1, 1), (2, 1), (3, 1), (1, 2), (2, 2), (3, 2)]
 
 
 @pytest.mark.slow

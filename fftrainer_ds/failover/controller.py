@@ -14,6 +14,7 @@ its engine normally, then runs the same `exchange_and_restore()` and returns to 
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
 import os
 import threading
@@ -108,7 +109,9 @@ class FailoverController:
         # Drop DeepSpeed's engine and the old groups now: a group's sockets close only when the last
         # reference goes, and a live peer still blocked in an old collective wakes only then.
         release_engine(engine)
+        t_released = time.time()
         g = self.agent.wait_for_generation(after=self.agent.generation)
+        t_gen = time.time()
         for _ in range(_MAX_ATTEMPTS):
             try:
                 t0 = time.time()
@@ -119,7 +122,8 @@ class FailoverController:
                 engine._ff.rebind(engine, g, self.agent.store)
                 t_rebuild = time.time()
                 self.exchange_and_restore(engine, replacement=False,
-                                          timeline={"failure_seen": t_fail, "regroup_start": t0,
+                                          timeline={"failure_seen": t_fail, "released": t_released,
+                                                    "generation_seen": t_gen, "regroup_start": t0,
                                                     "group_ready": t_group, "engine_rebuilt": t_rebuild,
                                                     "step_at_failure": at_step})
                 return
@@ -179,7 +183,7 @@ class FailoverController:
         tl["first_step_done"] = time.time()
         tl["lost_steps"] = max(0, tl.get("step_at_failure", tl["recovery_step"]) - tl["recovery_step"])
         base = tl.get("detected_at") or tl.get("recovery_start") or tl.get("failure_seen")
-        phases = ["recovery_start", "group_ready", "engine_rebuilt", "planned", "transferred", "restored",
+        phases = ["recovery_start", "failure_seen", "released", "generation_seen", "group_ready", "engine_rebuilt", "planned", "transferred", "restored",
                   "first_step_done"]
         tl["since_detect_s"] = {p: round(tl[p] - base, 4) for p in phases if tl.get(p) and base}
         self.recoveries.append(tl)
@@ -229,6 +233,9 @@ def warm_up_spare(build: Callable[..., Any], init_kwargs: Dict[str, Any], spec: 
 
 def failover_initialize(build: Callable[..., Any], init_kwargs: Dict[str, Any]):
     """`initialize` under fftrainer-launch: join (spares wait here), form the group, build, recover if a replacement."""
+    # Everything allocated so far (torch, DeepSpeed, the user's imports) lives as long as the process:
+    # frozen, it is not rescanned by the collections that run while an engine is rebuilt.
+    gc.freeze()
     spec = RebuildSpec(init_kwargs)
     if os.environ.get(membership.P.ENV_SPARE_ID) is not None:
         took = warm_up_spare(build, init_kwargs, spec)

@@ -62,18 +62,13 @@ class RebuildSpec:
 
 
 def release_engine(engine) -> None:
-    """Forget DeepSpeed's engine state (optimizer, module, groups) on `engine`, keeping ours.
+    """Forget DeepSpeed's engine state (optimizer, module, hooks, groups) on `engine`, keeping ours.
 
-    The old default group and every subgroup are destroyed and garbage-collected, so their sockets
-    close and peers blocked in an old collective get an error at once instead of a timeout.
+    The old default group and its subgroups are destroyed and every Python reference to them from
+    the engine is dropped. (Measured: torch still holds C++ references to a destroyed gloo group,
+    so its sockets stay open until the process exits; a live peer blocked in an old collective then
+    wakes only at its collective timeout. A full gc.collect() here cost 0.1-0.5 s and freed nothing.)
     """
-    import gc
-    import os
-    import sys
-
-    import torch.distributed as dist
-
-    old = dist.group.WORLD if dist.is_initialized() else None
     if "optimizer" in engine.__dict__:
         ds_adapter.dismantle_engine(engine)
     kept = {k: engine.__dict__[k] for k in KEEP if k in engine.__dict__}
@@ -82,11 +77,6 @@ def release_engine(engine) -> None:
     engine.__dict__.update(kept)
     engine.__dict__["_ff_loader"] = loader
     ds_adapter.release_groups()
-    gc.collect()
-    if old is not None and os.environ.get("FFTRAINER_DEBUG_REFS"):
-        holders = [type(r).__name__ for r in gc.get_referrers(old)]
-        logger.warning("fftrainer_ds: old default group still referenced %d times: %s",
-                       sys.getrefcount(old) - 3, holders[:10])
 
 
 def rebuild_in_place(engine, spec: RebuildSpec) -> None:

@@ -43,13 +43,15 @@ class LaunchedJob:
     def __init__(self, script: str, script_args: Sequence[str] = (), *, nproc_per_node: int = 2,
                  spares: int = 0, out_dir: str, nnodes: int = 1, node_rank: int = 0,
                  master_port: Optional[int] = None, max_restarts: Optional[int] = None,
-                 heartbeat_timeout_s: float = 2.0, name: str = "", env: Optional[Dict[str, str]] = None):
+                 heartbeat_timeout_s: float = 2.0, collective_timeout_s: float = 10.0, name: str = "",
+                 env: Optional[Dict[str, str]] = None):
         self.script, self.script_args, self.out_dir = script, list(script_args), out_dir
         os.makedirs(out_dir, exist_ok=True)
         self.log_path = os.path.join(out_dir, f"launcher{name}.log")
         args = ["--nproc-per-node", str(nproc_per_node), "--spares", str(spares),
                 "--heartbeat-timeout-s", str(heartbeat_timeout_s),
-                "--heartbeat-interval-s", str(min(0.5, heartbeat_timeout_s / 4))]
+                "--heartbeat-interval-s", str(min(0.5, heartbeat_timeout_s / 4)),
+                "--collective-timeout-s", str(collective_timeout_s)]
         if nnodes > 1:
             args += ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--master-addr", "127.0.0.1",
                      "--master-port", str(0 if master_port is None else master_port)]
