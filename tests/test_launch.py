@@ -18,18 +18,11 @@ import time
 import pytest
 
 from fftrainer_ds.failover import membership
+from fftrainer_ds.testing.chaos import pid_alive as alive
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "scripts", "allreduce_worker.py")
 PLAIN_WORKER = os.path.join(ROOT, "tests", "scripts", "plain_env_worker.py")
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 class Job:

@@ -12,7 +12,7 @@ import pickle
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -30,46 +30,43 @@ class _Ref:
     numpy: bool = False
 
 
+def _map_tree(x: Any, leaf: Callable[[Any], Any]) -> Any:
+    """Rebuild a nested dict/OrderedDict/list/tuple with `leaf` applied to everything else."""
+    if isinstance(x, OrderedDict):
+        return OrderedDict((k, _map_tree(v, leaf)) for k, v in x.items())
+    if isinstance(x, dict):
+        return {k: _map_tree(v, leaf) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_map_tree(v, leaf) for v in x]
+    if isinstance(x, tuple) and not hasattr(x, "_fields"):  # named tuples stay leaves (pickled whole)
+        return tuple(_map_tree(v, leaf) for v in x)
+    return leaf(x)
+
+
 def flatten(tree: Any) -> Tuple[Any, List[torch.Tensor]]:
     """Replace every tensor / ndarray in a nested dict/list/tuple by a `_Ref`; return (skeleton, tensors)."""
     tensors: List[torch.Tensor] = []
 
-    def walk(x):
+    def leaf(x):
         if isinstance(x, torch.Tensor):
             tensors.append(x.detach() if x.is_contiguous() else x.detach().contiguous())
             return _Ref(len(tensors) - 1)
         if isinstance(x, np.ndarray):
             tensors.append(torch.from_numpy(np.ascontiguousarray(x)))
             return _Ref(len(tensors) - 1, numpy=True)
-        if isinstance(x, OrderedDict):
-            return OrderedDict((k, walk(v)) for k, v in x.items())
-        if isinstance(x, dict):
-            return {k: walk(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [walk(v) for v in x]
-        if isinstance(x, tuple) and not hasattr(x, "_fields"):
-            return tuple(walk(v) for v in x)
         return x
 
-    return walk(tree), tensors
+    return _map_tree(tree, leaf), tensors
 
 
 def unflatten(skeleton: Any, tensors: List[torch.Tensor]) -> Any:
-    def walk(x):
+    def leaf(x):
         if isinstance(x, _Ref):
             t = tensors[x.index]
             return t.numpy().copy() if x.numpy else t
-        if isinstance(x, OrderedDict):
-            return OrderedDict((k, walk(v)) for k, v in x.items())
-        if isinstance(x, dict):
-            return {k: walk(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [walk(v) for v in x]
-        if isinstance(x, tuple) and not hasattr(x, "_fields"):
-            return tuple(walk(v) for v in x)
         return x
 
-    return walk(skeleton)
+    return _map_tree(skeleton, leaf)
 
 
 def rng_state() -> Dict[str, Any]:
