@@ -12,6 +12,7 @@ from .config import FastFailoverConfig, parse_config
 from .data import ResumableDataLoader
 from .errors import SnapshotError
 from .failover.controller import build_context
+from .failover.sockets import opened_since
 from .failover.rebuild import RebuildSpec
 from .runtime import FailoverRuntime
 from .snapshot import state as snap_state
@@ -34,6 +35,8 @@ class FailoverEngine(DeepSpeedEngine):
         self._ff_spec = spec
         ctx = build_context() if ff_config.enabled else None  # set under fftrainer-launch
         self._ff_ctl = ctx["controller"] if ctx else None
+        if ctx:  # sockets of the training groups (DeepSpeed's), before the replication group exists
+            self._ff_ctl.generation_sockets = opened_since(ctx["sockets_before"])
         self._ff: Optional[FailoverRuntime] = None
         if ff_config.enabled:
             self._ff = FailoverRuntime(self, ff_config, store=ctx["agent"].store if ctx else None,

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from .. import ds_adapter
 from ..errors import RecoverableError, TerminalError
 from . import membership
+from . import sockets
 from .rebuild import RebuildSpec, rebuild_in_place, release_engine
 from .recovery import Plan, RankInfo, gather_infos, plan_recovery, transfer
 from .template import materialize
@@ -65,6 +66,13 @@ class FailoverController:
         self.recoveries: List[Dict[str, Any]] = []
         self.abandoned = False  # the rest of the user iteration interrupted by a recovery is skipped
         self._pending_timeline: Optional[Dict[str, Any]] = None
+        self.generation_sockets: Dict[int, int] = {}  # TCP sockets opened by the current generation
+
+    def abandon_generation(self) -> None:
+        """Shut down this generation's sockets: peers blocked on us in an old collective wake now."""
+        n = sockets.shutdown(self.generation_sockets)
+        self.generation_sockets = {}
+        logger.info("fftrainer_ds: shut down %d sockets of the abandoned generation", n)
 
     # ---- engine hooks -----------------------------------------------------------------------
     def guard(self, engine, kind: str, fn: Callable[[], Any]) -> Any:
@@ -106,19 +114,25 @@ class FailoverController:
                        engine.global_rank, at_step, type(exc).__name__, str(exc)[:200])
         engine._ff.snapshotter.fence()  # our own pack is local: let it finish and commit
         self.agent.report_error(exc)
-        # Drop DeepSpeed's engine and the old groups now: a group's sockets close only when the last
-        # reference goes, and a live peer still blocked in an old collective wakes only then.
+        # Drop DeepSpeed's engine and the old groups, and shut the old generation's sockets down: a live
+        # peer still blocked in an old collective wakes now instead of at its collective timeout.
+        self.abandon_generation()
         release_engine(engine)
         t_released = time.time()
         g = self.agent.wait_for_generation(after=self.agent.generation)
         t_gen = time.time()
+        before = sockets.tcp_sockets()
         for _ in range(_MAX_ATTEMPTS):
             try:
                 t0 = time.time()
                 ds_adapter.release_groups()
+                before = sockets.tcp_sockets()
                 self.agent.rebuild_default_group(g)
                 t_group = time.time()
                 rebuild_in_place(engine, engine._ff_spec)
+                # Training groups only: the replication group's receiver threads sit inside gloo, and
+                # a socket shut down under them aborts the process.
+                self.generation_sockets = sockets.opened_since(before)
                 engine._ff.rebind(engine, g, self.agent.store)
                 t_rebuild = time.time()
                 self.exchange_and_restore(engine, replacement=False,
@@ -134,6 +148,7 @@ class FailoverController:
                     RecoverableError(f"{type(again).__name__}: {str(again)[:300]}")
             logger.warning("fftrainer_ds: rank %d: failure during recovery (%s); moving past generation %d",
                            rank, problem or "newer generation", g)
+            self.abandon_generation()
             release_engine(engine)
             if problem is not None:
                 self.agent.report_error(problem)
@@ -243,13 +258,14 @@ def failover_initialize(build: Callable[..., Any], init_kwargs: Dict[str, Any]):
     agent = membership.join()
     first_info = agent.info
     replacement = first_info.reason != "start" or os.environ.get(membership.P.ENV_REPLACEMENT) == "1"
+    before = sockets.tcp_sockets()
     g = agent.init_process_group()
     kwargs = dict(init_kwargs)
     for _ in range(_MAX_ATTEMPTS):
         ctl = FailoverController(agent, spec)
-        _context.value = {"agent": agent, "generation": g, "controller": ctl}
+        _context.value = {"agent": agent, "generation": g, "controller": ctl, "sockets_before": before}
         try:
-            engine = build(**kwargs)
+            engine = build(**kwargs)  # FailoverEngine.__init__ records the training groups' sockets
             if replacement:
                 engine._ff.snapshotter.generation = g
                 ctl.exchange_and_restore(engine, replacement=True,
@@ -262,6 +278,8 @@ def failover_initialize(build: Callable[..., Any], init_kwargs: Dict[str, Any]):
             logger.warning("fftrainer_ds: failure while joining generation %d (%s); retrying", g, str(exc)[:200])
             if not isinstance(exc, membership.GenerationChanged):
                 agent.report_error(exc)
+            ctl.abandon_generation()
+            before = sockets.tcp_sockets()
             g = agent.recover()
             # The model was consumed by the failed attempt: build from the weightless template.
             kwargs = dict(init_kwargs, model=materialize(spec.template, spec.device))
