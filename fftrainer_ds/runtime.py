@@ -64,11 +64,12 @@ class FailoverRuntime:
         # replicas feed a recovery (a rollback to R makes their versions after R stale).
         self.old_replication: List[list] = []
         self.snapshotter.add_listener(self._offer)
+        self.snapshotter.add_listener(self._maybe_persist)
+        self._last_persisted = -1
         self._start_replication(engine)
         self.interval = make_interval_policy(cfg.snapshot_interval_steps, cfg.snapshot_overhead_budget_pct)
         self._in_flight = False
         self.paused = False
-        self.step_times_s: List[float] = []
         self._last_step_end: Optional[float] = None
 
     def _start_replication(self, engine) -> None:
@@ -92,6 +93,17 @@ class FailoverRuntime:
             ref.release()
         else:
             repl.offer(ref)
+
+    def _maybe_persist(self, ref) -> None:
+        """Commit listener: every persist_interval_steps, write the committed snapshot in the background
+        (from the pack thread, so the training thread never waits for that pack)."""
+        cfg = self.cfg
+        due = cfg.persist_dir and cfg.persist_interval_steps and ref.step % cfg.persist_interval_steps == 0
+        if due and ref.step > self._last_persisted:  # not a restored (adopted) or replayed older step
+            self._last_persisted = ref.step
+            self.persister.persist(ref, os.path.join(cfg.persist_dir, f"step{ref.step:08d}"))
+        else:
+            ref.release()
 
     def rebind(self, engine, generation: int, store=None) -> None:
         """After a regroup and engine rebuild: new generation, new replication service (collective).
@@ -152,7 +164,6 @@ class FailoverRuntime:
         step_time = None if self._last_step_end is None else now - self._last_step_end
         self._last_step_end = now
         if step_time is not None:
-            self.step_times_s.append(step_time)
             # step N's pack overlaps step N+1: this step carried a pack iff the previous one started one
             self.interval.observe_step(step_time, self._in_flight)
         step = engine.global_steps
@@ -163,11 +174,6 @@ class FailoverRuntime:
             self.replication.set_window(True)
             if step_time is not None:
                 self.replication.on_step(step, step_time)
-        cfg = self.cfg
-        if cfg.persist_interval_steps and step % cfg.persist_interval_steps == 0 and cfg.persist_dir:
-            ref = self.snapshotter.latest()
-            if ref is not None:
-                self.persister.persist(ref, os.path.join(cfg.persist_dir, f"step{ref.step:08d}"))
         if engine.steps_per_print() and step % engine.steps_per_print() == 0:
             self.report(engine, step)
 

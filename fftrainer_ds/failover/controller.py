@@ -57,12 +57,11 @@ def is_comm_failure(exc: BaseException) -> bool:
 
 
 class FailoverController:
-    """Per-process failover state: the membership agent, the rebuild spec, the recovery log."""
+    """Per-process failover state: the membership agent, the recovery log, this generation's sockets."""
 
-    def __init__(self, agent: membership.Agent, spec: RebuildSpec):
+    def __init__(self, agent: membership.Agent):
         self.agent = agent
         atexit.register(agent.finish)  # a script that never calls engine.destroy() still exits cleanly
-        self.spec = spec
         self.recoveries: List[Dict[str, Any]] = []
         self.abandoned = False  # the rest of the user iteration interrupted by a recovery is skipped
         self._pending_timeline: Optional[Dict[str, Any]] = None
@@ -124,8 +123,7 @@ class FailoverController:
         before = sockets.tcp_sockets()
         for _ in range(_MAX_ATTEMPTS):
             try:
-                t0 = time.time()
-                ds_adapter.release_groups()
+                t0 = time.time()  # the old groups are already gone (release_engine)
                 before = sockets.tcp_sockets()
                 self.agent.rebuild_default_group(g)
                 t_group = time.time()
@@ -262,7 +260,7 @@ def failover_initialize(build: Callable[..., Any], init_kwargs: Dict[str, Any]):
     g = agent.init_process_group()
     kwargs = dict(init_kwargs)
     for _ in range(_MAX_ATTEMPTS):
-        ctl = FailoverController(agent, spec)
+        ctl = FailoverController(agent)
         _context.value = {"agent": agent, "generation": g, "controller": ctl, "sockets_before": before}
         try:
             engine = build(**kwargs)  # FailoverEngine.__init__ records the training groups' sockets

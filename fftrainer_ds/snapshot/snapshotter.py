@@ -8,7 +8,6 @@ On CPU the native pack runs on a worker thread with the GIL released; on CUDA a
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, List, Optional, Sequence
@@ -58,7 +57,6 @@ class Snapshotter:
         self.last_pack_s = 0.0
         self.last_fence_wait_s = 0.0
         self.snapshots_taken = 0
-        self._lock = threading.Lock()
 
     def add_listener(self, fn: Callable[[SnapshotRef], None]) -> None:
         """fn(ref) is called on the pack thread after each commit; it must release the lease."""
