@@ -29,18 +29,21 @@ class FailoverEngine(DeepSpeedEngine):
 
     def __init__(self, **kwargs):
         ff_config = parse_config(kwargs.get("config"))
-        spec = RebuildSpec(kwargs) if ff_config.enabled else None  # before DeepSpeed wraps the model
+        ctx = build_context() if ff_config.enabled else None  # set under fftrainer-launch
+        spec = None
+        if ff_config.enabled:  # captured before DeepSpeed wraps the model (reused when failover_initialize made it)
+            spec = ctx["spec"] if ctx and ctx["spec"].model_id == id(kwargs["model"]) else RebuildSpec(kwargs)
         super().__init__(**kwargs)
         self.ff_config: FastFailoverConfig = ff_config
         self._ff_spec = spec
-        ctx = build_context() if ff_config.enabled else None  # set under fftrainer-launch
         self._ff_ctl = ctx["controller"] if ctx else None
         if ctx:  # sockets of the training groups (DeepSpeed's), before the replication group exists
             self._ff_ctl.generation_sockets = opened_since(ctx["sockets_before"])
         self._ff: Optional[FailoverRuntime] = None
         if ff_config.enabled:
             self._ff = FailoverRuntime(self, ff_config, store=ctx["agent"].store if ctx else None,
-                                       generation=ctx["generation"] if ctx else 0)
+                                       generation=ctx["generation"] if ctx else 0,
+                                       nodes=ctx["agent"].nodes() if ctx else None)
 
     # ---- hooks: failover guard (only under fftrainer-launch) ------------------------------------
     def forward(self, *inputs, **kwargs):

@@ -9,7 +9,7 @@ import logging
 import os
 import socket
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -25,11 +25,18 @@ from .snapshot.snapshotter import Snapshotter
 logger = logging.getLogger("fftrainer_ds")
 
 
-def node_map(world_size: int) -> List[int]:
-    """Node index of every rank: the launcher's FFTRAINER_NODE_RANK if set, else the hostname (collective)."""
-    me = os.environ.get("FFTRAINER_NODE_RANK") or socket.gethostname()
-    names: List[Optional[str]] = [None] * world_size
-    dist.all_gather_object(names, me)
+def node_map(world_size: int, known: Optional[Sequence[Any]] = None) -> List[int]:
+    """Node index of every rank, numbered by first appearance.
+
+    `known` (one node label per rank, from the supervisor's generation record) needs no communication;
+    without it the launcher's FFTRAINER_NODE_RANK or the hostname is all-gathered (collective).
+    """
+    names: List[Any]
+    if known is not None:
+        names = list(known)
+    else:
+        names = [None] * world_size
+        dist.all_gather_object(names, os.environ.get("FFTRAINER_NODE_RANK") or socket.gethostname())
     order = {n: i for i, n in enumerate(dict.fromkeys(names))}
     return [order[n] for n in names]
 
@@ -44,7 +51,7 @@ class FailoverRuntime:
     """Snapshotter + replication service + persister of one rank, for one process-group generation."""
 
     def __init__(self, engine, cfg: FastFailoverConfig, store=None, generation: int = 0,
-                 snapshotter: Optional[Snapshotter] = None):
+                 snapshotter: Optional[Snapshotter] = None, nodes: Optional[Sequence[Any]] = None):
         stage = ds_adapter.zero_stage(engine)
         if stage not in (1, 2, 3):
             raise ConfigError(f"fast_failover needs zero_optimization.stage 1, 2 or 3 (got {stage})")
@@ -66,14 +73,16 @@ class FailoverRuntime:
         self.snapshotter.add_listener(self._offer)
         self.snapshotter.add_listener(self._maybe_persist)
         self._last_persisted = -1
-        self._start_replication(engine)
+        self._start_replication(engine, nodes)
         self.interval = make_interval_policy(cfg.snapshot_interval_steps, cfg.snapshot_overhead_budget_pct)
         self._in_flight = False
         self.paused = False
         self._last_step_end: Optional[float] = None
+        self._step = 0  # the last completed optimizer step
 
-    def _start_replication(self, engine) -> None:
-        """Collective (node map + the replication group): same order on every rank of a generation."""
+    def _start_replication(self, engine, nodes: Optional[Sequence[Any]] = None) -> None:
+        """Collective (the replication group, and the node map unless `nodes` gives each rank's node):
+        same order on every rank of a generation."""
         cfg = self.cfg
         if cfg.replication_factor == 0:
             return
@@ -82,7 +91,7 @@ class FailoverRuntime:
         if self.world_size <= cfg.replication_factor:
             raise ConfigError(f"fast_failover.replication_factor={cfg.replication_factor} needs more than "
                               f"{cfg.replication_factor} ranks (world size is {self.world_size})")
-        self.node_of = node_map(self.world_size)
+        self.node_of = node_map(self.world_size, nodes)
         self.replication = ReplicationService(cfg, self.rank, self.world_size, self.node_of,
                                               estimate_snapshot_bytes(engine), store=self.store,
                                               generation=self.generation)
@@ -105,7 +114,7 @@ class FailoverRuntime:
         else:
             ref.release()
 
-    def rebind(self, engine, generation: int, store=None) -> None:
+    def rebind(self, engine, generation: int, store=None, nodes: Optional[Sequence[Any]] = None) -> None:
         """After a regroup and engine rebuild: new generation, new replication service (collective).
 
         The old service is closed but kept: its committed replicas are what a recovery reads.
@@ -120,7 +129,7 @@ class FailoverRuntime:
         self.store = store if store is not None else self.store
         self.rank, self.world_size = engine.global_rank, engine.world_size
         self._last_step_end = None
-        self._start_replication(engine)
+        self._start_replication(engine, nodes)
 
     def _services(self):
         """(service, last valid step) pairs, newest first."""
@@ -157,6 +166,8 @@ class FailoverRuntime:
     def before_optimizer_step(self) -> None:
         self.snapshotter.fence()  # step N's pack must be complete before this step changes that state
         if self.replication is not None:
+            if self._last_step_end is not None:  # the throttle watches compute (what replication overlaps)
+                self.replication.end_of_compute(self._step, time.perf_counter() - self._last_step_end)
             self.replication.set_window(False)
 
     def after_optimizer_step(self, engine) -> None:
@@ -170,10 +181,9 @@ class FailoverRuntime:
         self._in_flight = not self.paused and self.interval.should_snapshot(step)
         if self._in_flight:
             self.snapshotter.begin(step, snap_state.capture(engine, engine._ff_data_position()))
+        self._step = step
         if self.replication is not None:
             self.replication.set_window(True)
-            if step_time is not None:
-                self.replication.on_step(step, step_time)
         if engine.steps_per_print() and step % engine.steps_per_print() == 0:
             self.report(engine, step)
 

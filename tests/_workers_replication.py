@@ -254,17 +254,18 @@ def adaptive_run(steps, base_bytes):
     own, refs, trace = {}, [], []
     for step in range(1, steps + 1):
         t0 = time.perf_counter()
-        svc.set_window(False)
-        buf = content(rank, step, nbytes)
+        buf = content(rank, step, nbytes)  # the version of the step before this one's compute
         own[step] = digest(buf)
         refs.append(FakeRef(step, rank, buf))
         svc.offer(refs[-1])
-        svc.set_window(True)
         time.sleep(0.1)  # compute
         dist.all_reduce(torch.ones(1))
         before = counter.started
-        svc.on_step(step, time.perf_counter() - t0)
-        trace.append({"before": before, "after": counter.started, "phase": svc.stats()["phase"]})
+        svc.end_of_compute(step, time.perf_counter() - t0)
+        trace.append({"before": before, "after": counter.started, "phase": svc.stats()["phase"],
+                      "lag_after": svc.stats()["lag_steps"]})
+        svc.set_window(False)  # optimizer step
+        svc.set_window(True)
     assert svc.flush(WAIT_S)
     dist.barrier()
     (src,) = svc.sources

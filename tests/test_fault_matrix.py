@@ -17,8 +17,8 @@ from fftrainer_ds.testing.chaos import ROOT, LaunchedJob
 
 SCRIPT = os.path.join(ROOT, "examples", "train_gpt.py")
 STEPS = 16
-# Faults land after step 8: by then the adaptive throttle's baseline (1 warm-up step, then 3 paused
-# samples on alternate steps, during which a replica may lag 2 steps) is measured.
+# Most faults land at step 9, after the adaptive throttle measured its baseline (steps 3-5 with the
+# senders held during compute); test_failure_during_the_throttle_baseline aims at that window.
 KILL_STEP = 9
 _baselines: dict = {}
 
@@ -104,6 +104,15 @@ def kill_at(rank, step=KILL_STEP, sig=signal.SIGKILL, watch=0):
 def test_sigkill_middle_rank(tmp_root):
     log, rec = run_case(tmp_root, "kill_middle", 3, kill_at(1))
     assert "killed by signal SIGKILL" in log
+
+
+def test_failure_during_the_throttle_baseline(tmp_root):
+    # Right after step 5 completes, the last of the three steps whose compute ran with replication held
+    # (1 warm-up step, then steps 3-5): each sent its held-back version before its optimizer step, so
+    # step 4's replica exists and at most step 5 is lost (with the held version sent only during the
+    # next step, this case lost 2 steps).
+    _, rec = run_case(tmp_root, "kill_in_baseline", 3, kill_at(1, step=5))
+    assert rec and all(r["lost_steps"] <= 1 for r in rec if "lost_steps" in r)
 
 
 def test_sigkill_rank0(tmp_root):

@@ -181,6 +181,10 @@ class Agent:
         self.info, self.generation, self.rank, self.world_size = info, info.generation, rank, info.world_size
         os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(info.world_size)
 
+    def nodes(self) -> List[int]:
+        """The supervisor node of every rank of the current generation (no communication needed)."""
+        return [self.info.ranks[r].node for r in range(self.world_size)]
+
     def check(self) -> None:
         """Raise GenerationChanged if a generation newer than ours was published.
 

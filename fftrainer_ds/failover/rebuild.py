@@ -7,6 +7,7 @@ ordinary `initialize` (their init collectives must match).
 """
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any, Dict, List, Optional
 
@@ -28,6 +29,7 @@ class RebuildSpec:
 
     def __init__(self, init_kwargs: Dict[str, Any]):
         model: nn.Module = init_kwargs["model"]
+        self.model_id = id(model)  # which model this spec was captured from
         optimizer, scheduler = init_kwargs.get("optimizer"), init_kwargs.get("lr_scheduler")
         if isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError("fast_failover: pass the optimizer in the DeepSpeed config or as a callable "
@@ -37,6 +39,8 @@ class RebuildSpec:
                               "(optimizer -> scheduler), not as an instance")
         self.device = next(model.parameters()).device
         self.template = meta_template(model)
+        self._ready: Optional[nn.Module] = None
+        self.prepare()
         names = {id(p): n for n, p in model.named_parameters()}
         params = init_kwargs.get("model_parameters")
         if params is not None:
@@ -52,6 +56,19 @@ class RebuildSpec:
         if isinstance(item, dict):
             return dict(item, params=[names[id(p)] for p in item["params"]])
         return names[id(item)]
+
+    def prepare(self) -> None:
+        """Deep-copy the template now, off the recovery path (~20 ms of CPU per rank for a small GPT,
+        which at 16 ranks on 2 cores added ~0.15 s to every recovery). Meta parameters: no memory."""
+        if self._ready is None:
+            self._ready = copy.deepcopy(self.template)
+
+    def take_module(self) -> nn.Module:
+        """A fresh module for a rebuild (zero parameters on the original device)."""
+        ready, self._ready = self._ready, None
+        if ready is None:
+            return materialize(self.template, self.device)
+        return materialize(ready, self.device, copied=True)
 
     def model_parameters(self, module: nn.Module) -> Optional[List[Any]]:
         if self.param_spec is None:
@@ -83,7 +100,7 @@ def rebuild_in_place(engine, spec: RebuildSpec) -> None:
     """Construct DeepSpeed's engine again on `engine` over the current default process group."""
     kept = {k: engine.__dict__[k] for k in KEEP if k in engine.__dict__}
     loader = engine.__dict__.pop("_ff_loader", None) or engine.__dict__.get("training_dataloader")
-    module = materialize(spec.template, spec.device)
+    module = spec.take_module()
     kwargs = dict(spec.kwargs, model=module, model_parameters=spec.model_parameters(module), training_data=None)
     ds_adapter.reinit_engine(engine, kwargs)
     engine.__dict__.update(kept)

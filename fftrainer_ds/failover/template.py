@@ -27,9 +27,12 @@ def meta_template(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def materialize(template: nn.Module, device: torch.device) -> nn.Module:
-    """A fresh module from the template: zero parameters on `device`, buffers as captured."""
-    module = copy.deepcopy(template)
+def materialize(template: nn.Module, device: torch.device, copied: bool = False) -> nn.Module:
+    """A fresh module from the template: zero parameters on `device`, buffers as captured.
+
+    `copied`: `template` is already a private deep copy (see RebuildSpec.prepare), filled in place.
+    """
+    module = template if copied else copy.deepcopy(template)
     for sub in module.modules():
         for name, p in list(sub._parameters.items()):
             if p is not None and p.device.type == "meta":

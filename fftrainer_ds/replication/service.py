@@ -4,18 +4,20 @@ Call order (engine.py):
 
     svc = ReplicationService(cfg, rank, world, node_of, snapshot_bytes, store, generation)  # COLLECTIVE
     per step:  svc.set_window(True)                      # forward/backward: senders may send
-               svc.set_window(False)                     # optimizer step / its collectives
                ... svc.offer(pool.acquire_committed())   # hands over the lease, never blocks
-               svc.set_window(True); svc.on_step(step, step_time_s)
+               svc.end_of_compute(step, compute_s)       # forward/backward over (may send, see below)
+               svc.set_window(False)                     # optimizer step / its collectives
     any time:  svc.stats(), svc.local_inventory(), svc.replica(src) (a lease: release it)
     all ranks: svc.replica_inventory()                   # COLLECTIVE (falls back to the store)
     end:       svc.close()                               # bounded; replicas stay readable after it
 
 One service per process-group generation: after a regroup, close the old one and build a new one
 with the new generation (its stream generation is in every header; a holder refuses others).
-With adaptive_throttle, sending pauses from the first `on_step` call for `warmup_steps +
-baseline_steps` steps (and `baseline_steps` every `rebaseline_every_steps`) to measure the baseline
-step time: replicas lag by those steps then. Without on_step calls there is no pause and no AIMD.
+With adaptive_throttle, after `warmup_steps` calls of `end_of_compute`, senders are held during
+the compute of `baseline_steps` steps (and again every `rebaseline_every_steps`) to measure the
+baseline compute time; each such step sends the version it held back inside its `end_of_compute`
+and waits for it, so a replica never lags by more than one step (the failover guarantee: at most
+one completed step lost). Without end_of_compute calls there is no pause and no AIMD.
 """
 from __future__ import annotations
 
@@ -137,7 +139,8 @@ class ReplicationService:
             group = dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.collective_timeout_s))
             self._own_group = True
         self.group = group
-        sizes = self._gather_sizes(int(snapshot_bytes))
+        # Sizes are only needed for the memory budget (every rank has the same config: same collectives).
+        sizes = self._gather_sizes(int(snapshot_bytes)) if cfg.max_host_memory_gb is not None else []
         try:
             self._check_memory(table, sizes)
         except ConfigError:
@@ -151,7 +154,7 @@ class ReplicationService:
         self._aimd = AimdThrottle(cfg.max_overhead_pct, max_rate_bps=fixed, warmup_steps=warmup_steps,
                                   baseline_steps=baseline_steps, rebaseline_every_steps=rebaseline_every_steps) \
             if cfg.adaptive_throttle else None
-        self._paused = False  # the baseline pause starts with the first on_step()
+        self._paused = False  # the baseline pause starts after the first end_of_compute()
         channel = self._channel = Channel(group)
         for src in self.sources:
             self._replicas[src] = SourceReplica(src)
@@ -224,15 +227,30 @@ class ReplicationService:
             self._held = paused
             self._gate_cond.notify_all()
 
-    def on_step(self, step: int, step_time_s: float) -> None:
-        """Feed one optimizer step's wall time to the adaptive throttle (no-op without it)."""
+    def end_of_compute(self, step: int, compute_s: float) -> None:
+        """The training thread, when a step's forward/backward is over and before its optimizer step
+        (the window still open): feed the compute time to the adaptive throttle (no-op without it).
+
+        A step that ran paused (a baseline sample) sends the version it held back now and waits for
+        it (at most peer_timeout_s): the optimizer step that follows may not complete while the
+        previous step has no replica, or a failure right after it would lose two steps.
+        """
         if self._aimd is None:
             return
         with self._lock:
             sent = self._counters["bytes_sent"] - self._bytes_at_last_step
-            self._bytes_at_last_step = self._counters["bytes_sent"]
-        self._aimd.observe(step_time_s, sent)
+        was_paused = self._paused
+        self._aimd.observe(compute_s, sent)
         self._bucket.set_rate(self._aimd.rate_bps)
+        if was_paused:
+            with self._gate_cond:
+                self._paused = False
+                self._gate_cond.notify_all()
+            if not self.flush(self.peer_timeout_s):
+                logger.warning("replication: rank %d: the version held back for the baseline at step %d was not "
+                               "sent within %.1f s", self.rank, step, self.peer_timeout_s)
+        with self._lock:  # bytes sent by that catch-up belong to no step's sample
+            self._bytes_at_last_step = self._counters["bytes_sent"]
         with self._gate_cond:
             self._paused = self._aimd.paused
             self._gate_cond.notify_all()

@@ -1,10 +1,11 @@
 """Replication throttling: a byte-rate token bucket and an AIMD controller driven by step time.
 
 `TokenBucket` caps the bytes every sender thread of one rank puts on the wire together
-(`max_bandwidth_mbps`, or the adaptive rate). `AimdThrottle` measures a step-time baseline with
-replication paused, then watches the step time while replicating: when it is inflated by more than
-`max_overhead_pct` over the baseline it halves the rate (multiplicative decrease); while it is
-within budget it raises the rate by a fixed increment (additive increase).
+(`max_bandwidth_mbps`, or the adaptive rate). `AimdThrottle` measures a baseline of the compute
+time (forward/backward: the part of a step that replication overlaps) with replication paused,
+then watches it while replicating: when it is inflated by more than `max_overhead_pct` over the
+baseline it halves the rate (multiplicative decrease); while it is within budget it raises the
+rate by a fixed increment (additive increase).
 
 Both take an injectable clock so that the unit tests need neither threads nor sleeps.
 Rates are in bytes per second; `None` means "no limit".
@@ -80,12 +81,11 @@ class TokenBucket:
 class AimdThrottle:
     """Adaptive replication rate from step times (not thread-safe: the training thread drives it).
 
-    Phases: `warmup_steps` ignored steps (replicating), then the baseline: replication is paused
-    (`paused` is True: the service holds its senders) on every other step until `baseline_steps`
-    paused steps were seen, and their median is the baseline; then replicating. Pausing alternate
-    steps, never several in a row, bounds the replica lag to 2 steps while the baseline is
-    measured (a recovery needs a step that survivors still hold). Every `rebaseline_every_steps`
-    (0: never) the baseline is measured again the same way.
+    Phases: `warmup_steps` ignored steps (replicating), then the baseline: `baseline_steps` steps
+    with replication paused (`paused` is True: the service holds its senders during their compute
+    and sends the held-back version right after it, before the optimizer step, so the replica lag
+    stays at most 1 step); their median is the baseline; then replicating. Every
+    `rebaseline_every_steps` (0: never) the baseline is measured again the same way.
 
     While replicating, each call of `observe()` adds one step time to a window of `window_steps`.
     With a full window whose median exceeds baseline * (1 + max_overhead_pct/100), and bytes sent
@@ -120,7 +120,6 @@ class AimdThrottle:
         self._reference_bps: Optional[float] = max_rate_bps  # scale of the additive increment
         self._state = "warmup" if warmup_steps > 0 else "baseline"
         self._to_skip = warmup_steps
-        self._pausing = True  # in the baseline phase: is the current step a paused one
         self._samples: list = []
         self._since_baseline = 0
         self._window: Deque[float] = deque(maxlen=window_steps)
@@ -129,8 +128,8 @@ class AimdThrottle:
 
     @property
     def paused(self) -> bool:
-        """True on the paused steps of the baseline measurement: the service must not send."""
-        return self._state == "baseline" and self._pausing
+        """True on the steps of the baseline measurement: the service holds its senders during compute."""
+        return self._state == "baseline"
 
     @property
     def phase(self) -> str:
@@ -144,15 +143,14 @@ class AimdThrottle:
         return max(self.min_rate_bps, 0.05 * (self._reference_bps or 20 * self.min_rate_bps))
 
     def observe(self, step_time_s: float, sent_bytes: int = 0) -> None:
-        """Feed one step's wall time and the replication bytes sent during it."""
+        """Feed one step's compute time and the replication bytes sent during it."""
         if self._state == "warmup":
             self._to_skip -= 1
             if self._to_skip <= 0:
-                self._state, self._pausing = "baseline", True
+                self._state = "baseline"
             return
-        if self._state == "baseline":
-            if self._pausing:  # this step ran with replication paused: a baseline sample
-                self._samples.append(step_time_s)
+        if self._state == "baseline":  # this step ran with replication paused: a baseline sample
+            self._samples.append(step_time_s)
             if len(self._samples) >= self.baseline_steps:
                 self.baseline_s = statistics.median(self._samples)
                 self._samples = []
@@ -160,12 +158,10 @@ class AimdThrottle:
                 self._since_baseline = 0
                 self._window.clear()
                 self._window_bytes.clear()
-            else:
-                self._pausing = not self._pausing
             return
         self._since_baseline += 1
         if self.rebaseline_every_steps and self._since_baseline >= self.rebaseline_every_steps:
-            self._state, self._pausing = "baseline", True
+            self._state = "baseline"
             return
         self._window.append(step_time_s)
         self._window_bytes.append(sent_bytes)
