@@ -71,7 +71,7 @@ def rank_body(stage, k, pairs, block, d, layers, adaptive):
     out = {"off": off, "on": on, "rate_MBps": statistics.median(rates) / 1e6, "lag_max": max(lags),
            "lag_median": statistics.median(lags), "snapshot_bytes": engine._ff.snapshotter.last_bytes,
            "versions_committed": stats["versions_committed"], "versions_dropped": stats["versions_dropped"],
-           "backoffs": stats.get("backoffs", 0)}
+           "backoffs": stats.get("backoffs", 0), "floor_limited": stats.get("floor_limited", 0)}
     engine.destroy()
     dist.destroy_process_group()
     return out
@@ -104,9 +104,10 @@ def main() -> None:
     print(table([[f"{ov['off_s'] * 1e3:.1f}", f"{ov['on_s'] * 1e3:.1f}", f"{ov['overhead_pct']:+.2f}%",
                   f"{v[0]['snapshot_bytes'] / 1e6:.1f}", f"{statistics.median(x['rate_MBps'] for x in v):.1f}",
                   max(x["lag_max"] for x in v), sum(x["versions_committed"] for x in v),
-                  sum(x["versions_dropped"] for x in v)]],
+                  sum(x["versions_dropped"] for x in v), sum(x["backoffs"] for x in v),
+                  sum(x["floor_limited"] for x in v)]],
                 ["step ms (held)", "step ms (flowing)", "overhead", "snapshot MB/rank", "rate MB/s/rank",
-                 "max lag (steps)", "versions committed", "dropped"]))
+                 "max lag (steps)", "versions committed", "dropped", "back-offs", "held at the 1-step-lag floor"]))
 
 
 if __name__ == "__main__":

@@ -51,11 +51,11 @@ class FastFailoverConfig(BaseModel):
     """Upper limit of replication traffic per rank in MB/s (None: no fixed limit)."""
 
     adaptive_throttle: bool = True
-    """Back off (AIMD) when replication inflates the compute time beyond `max_overhead_pct`."""
+    """Back off (AIMD) when replication inflates the step time beyond `max_overhead_pct`."""
 
     max_overhead_pct: float = Field(2.0, gt=0, le=100)
-    """Compute-time inflation (forward/backward, percent over a baseline measured with replication held) that
-    triggers back-off."""
+    """Step-time inflation (percent over a baseline measured with replication held) that triggers back-off
+    (never below the rate that keeps the replica lag at one step)."""
 
     max_host_memory_gb: Optional[float] = Field(None, gt=0)
     """Host memory budget per rank for own snapshots plus held replicas, in GB (None: unchecked)."""

@@ -166,8 +166,7 @@ class FailoverRuntime:
     def before_optimizer_step(self) -> None:
         self.snapshotter.fence()  # step N's pack must be complete before this step changes that state
         if self.replication is not None:
-            if self._last_step_end is not None:  # the throttle watches compute (what replication overlaps)
-                self.replication.end_of_compute(self._step, time.perf_counter() - self._last_step_end)
+            self.replication.end_of_compute(self._step)  # a baseline step sends its held-back version now
             self.replication.set_window(False)
 
     def after_optimizer_step(self, engine) -> None:
@@ -184,6 +183,8 @@ class FailoverRuntime:
         self._step = step
         if self.replication is not None:
             self.replication.set_window(True)
+            if step_time is not None:
+                self.replication.on_step(step, step_time)
         if engine.steps_per_print() and step % engine.steps_per_print() == 0:
             self.report(engine, step)
 

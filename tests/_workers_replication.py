@@ -261,11 +261,13 @@ def adaptive_run(steps, base_bytes):
         time.sleep(0.1)  # compute
         dist.all_reduce(torch.ones(1))
         before = counter.started
-        svc.end_of_compute(step, time.perf_counter() - t0)
-        trace.append({"before": before, "after": counter.started, "phase": svc.stats()["phase"],
-                      "lag_after": svc.stats()["lag_steps"]})
+        svc.end_of_compute(step)
+        flushed, lag = counter.started, svc.stats()["lag_steps"]
         svc.set_window(False)  # optimizer step
         svc.set_window(True)
+        svc.on_step(step, time.perf_counter() - t0)
+        trace.append({"before": before, "flushed": flushed, "lag_flushed": lag, "after": counter.started,
+                      "phase": svc.stats()["phase"]})
     assert svc.flush(WAIT_S)
     dist.barrier()
     (src,) = svc.sources

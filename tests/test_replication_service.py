@@ -109,6 +109,21 @@ def test_aimd_floor_cap_idle_and_rebaseline():
     assert not t.paused and t.baseline_s == 0.5
 
 
+def test_aimd_never_throttles_below_the_one_step_lag_floor():
+    t = AimdThrottle(max_overhead_pct=2.0, min_rate_bps=1e6, window_steps=1, cooldown_steps=0, warmup_steps=0,
+                     baseline_steps=1)
+    t.observe(1.0)  # baseline
+    t.set_floor(8e6)  # e.g. 4 MB per version to 1 holder, within half a 1-s step
+    for _ in range(6):  # 20% over budget while sending: halve each time, but never below the floor
+        t.observe(1.2, 10_000_000)
+    assert t.rate_bps == pytest.approx(8e6) and t.backoffs == 6 and t.floor_limited >= 4
+    t.set_floor(12e6)  # a bigger snapshot lifts the current rate at once
+    assert t.rate_bps == pytest.approx(12e6)
+    capped = AimdThrottle(max_overhead_pct=2.0, max_rate_bps=5e6, warmup_steps=0, baseline_steps=1)
+    capped.set_floor(50e6)  # the user's fixed max_bandwidth_mbps stays a hard cap
+    assert capped.rate_bps == 5e6
+
+
 # ---------------------------------------------------------------- header and store
 def test_header_roundtrip_and_corruption():
     h = ChunkHeader(1, 2, 1, 7, 3, 1, 4, 10_000, 4096, 4096, (123 << 32) | 456)
@@ -154,7 +169,8 @@ def test_service_without_replication_and_early_config_errors():
     assert ref.released == 1 and svc.local_inventory() == {} and svc.replica(1) is None
     assert svc.replica_inventory() == {0: {}} and svc.flush(0.1)
     assert svc.stats()["phase"] == "off" and svc.stats()["lag_steps"] == 0
-    svc.end_of_compute(1, 0.1)
+    svc.end_of_compute(1)
+    svc.on_step(1, 0.1)
     svc.close()
     # refused before any collective, identically on every rank
     with pytest.raises(ConfigError, match="replication_backend='nccl' is not implemented"):
@@ -269,8 +285,8 @@ def test_adaptive_throttle_pauses_for_the_baseline_then_replicates():
         # version it held back at its end (before its optimizer step): the lag never exceeds one step
         for i in (1, 2):
             assert v["trace"][i]["before"] == v["trace"][i - 1]["after"]
-            assert v["trace"][i]["after"] > v["trace"][i]["before"]
-            assert v["trace"][i]["lag_after"] == 0
+            assert v["trace"][i]["flushed"] > v["trace"][i]["before"]
+            assert v["trace"][i]["lag_flushed"] == 0
         assert v["stats"]["baseline_step_s"] > 0 and v["stats"]["current_rate_mbps"] <= 200.0
         assert v["held"]["step"] == steps and v["held"]["digest"] == res[v["held"]["src"]].value["own"][steps]
         assert v["released"] == [1] * steps

@@ -5,19 +5,20 @@ Call order (engine.py):
     svc = ReplicationService(cfg, rank, world, node_of, snapshot_bytes, store, generation)  # COLLECTIVE
     per step:  svc.set_window(True)                      # forward/backward: senders may send
                ... svc.offer(pool.acquire_committed())   # hands over the lease, never blocks
-               svc.end_of_compute(step, compute_s)       # forward/backward over (may send, see below)
+               svc.end_of_compute(step)                  # forward/backward over (may send, see below)
                svc.set_window(False)                     # optimizer step / its collectives
+               svc.set_window(True); svc.on_step(step, step_time_s)
     any time:  svc.stats(), svc.local_inventory(), svc.replica(src) (a lease: release it)
     all ranks: svc.replica_inventory()                   # COLLECTIVE (falls back to the store)
     end:       svc.close()                               # bounded; replicas stay readable after it
 
 One service per process-group generation: after a regroup, close the old one and build a new one
 with the new generation (its stream generation is in every header; a holder refuses others).
-With adaptive_throttle, after `warmup_steps` calls of `end_of_compute`, senders are held during
-the compute of `baseline_steps` steps (and again every `rebaseline_every_steps`) to measure the
-baseline compute time; each such step sends the version it held back inside its `end_of_compute`
+With adaptive_throttle, after `warmup_steps` calls of `on_step`, senders are held during the
+compute of `baseline_steps` steps (and again every `rebaseline_every_steps`) to measure the
+baseline step time; each such step sends the version it held back inside its `end_of_compute`
 and waits for it, so a replica never lags by more than one step (the failover guarantee: at most
-one completed step lost). Without end_of_compute calls there is no pause and no AIMD.
+one completed step lost). Without on_step calls there is no pause and no AIMD.
 """
 from __future__ import annotations
 
@@ -154,7 +155,10 @@ class ReplicationService:
         self._aimd = AimdThrottle(cfg.max_overhead_pct, max_rate_bps=fixed, warmup_steps=warmup_steps,
                                   baseline_steps=baseline_steps, rebaseline_every_steps=rebaseline_every_steps) \
             if cfg.adaptive_throttle else None
-        self._paused = False  # the baseline pause starts after the first end_of_compute()
+        self._paused = False  # the baseline pause starts with the first on_step()
+        self._catch_up_s = 0.0  # time the current step spent sending a held-back version
+        self._last_version_bytes = 0
+        self._warned_floor = False
         channel = self._channel = Channel(group)
         for src in self.sources:
             self._replicas[src] = SourceReplica(src)
@@ -206,6 +210,7 @@ class ReplicationService:
             raise ValueError(f"offer: the snapshot buffer must be a contiguous uint8 CPU tensor, got "
                              f"{ref.buffer.dtype} on {ref.buffer.device}")
         v = OutgoingVersion(ref, self.chunk_bytes, self._checksum)
+        self._last_version_bytes = v.total
         with self._lock:
             if self._first_offered is None:
                 self._first_offered = v.step
@@ -227,30 +232,47 @@ class ReplicationService:
             self._held = paused
             self._gate_cond.notify_all()
 
-    def end_of_compute(self, step: int, compute_s: float) -> None:
+    def end_of_compute(self, step: int) -> None:
         """The training thread, when a step's forward/backward is over and before its optimizer step
-        (the window still open): feed the compute time to the adaptive throttle (no-op without it).
+        (the window still open). A step that ran paused for the adaptive throttle's baseline sends the
+        version it held back now and waits for it (at most peer_timeout_s): the optimizer step that
+        follows may not complete while the previous step has no replica, or a failure right after it
+        would lose two steps. No-op on other steps and without the adaptive throttle."""
+        if self._aimd is None or not self._paused:
+            return
+        t0 = time.perf_counter()
+        with self._gate_cond:
+            self._paused = False
+            self._gate_cond.notify_all()
+        if not self.flush(self.peer_timeout_s):
+            logger.warning("replication: rank %d: the version held back for the baseline at step %d was not "
+                           "sent within %.1f s", self.rank, step, self.peer_timeout_s)
+        self._catch_up_s += time.perf_counter() - t0
 
-        A step that ran paused (a baseline sample) sends the version it held back now and waits for
-        it (at most peer_timeout_s): the optimizer step that follows may not complete while the
-        previous step has no replica, or a failure right after it would lose two steps.
-        """
+    def on_step(self, step: int, step_time_s: float) -> None:
+        """Feed one optimizer step's wall time to the adaptive throttle (no-op without it). The time a
+        baseline step spent sending its held-back version (end_of_compute) is not part of its sample."""
         if self._aimd is None:
             return
         with self._lock:
             sent = self._counters["bytes_sent"] - self._bytes_at_last_step
-        was_paused = self._paused
-        self._aimd.observe(compute_s, sent)
-        self._bucket.set_rate(self._aimd.rate_bps)
-        if was_paused:
-            with self._gate_cond:
-                self._paused = False
-                self._gate_cond.notify_all()
-            if not self.flush(self.peer_timeout_s):
-                logger.warning("replication: rank %d: the version held back for the baseline at step %d was not "
-                               "sent within %.1f s", self.rank, step, self.peer_timeout_s)
-        with self._lock:  # bytes sent by that catch-up belong to no step's sample
             self._bytes_at_last_step = self._counters["bytes_sent"]
+        if self._catch_up_s:
+            step_time_s, sent, self._catch_up_s = max(0.0, step_time_s - self._catch_up_s), 0, 0.0
+        live = sum(1 for t in self._senders.values() if t.dropped is None)
+        if live and self._last_version_bytes and step_time_s > 0:
+            # Every version to every live holder within about half a step: the replica lag stays at
+            # one step even when the overhead budget cannot be met (that is counted and reported).
+            self._aimd.set_floor(2.0 * live * self._last_version_bytes / step_time_s)
+        limited = self._aimd.floor_limited
+        self._aimd.observe(step_time_s, sent)
+        if self._aimd.floor_limited > limited and not self._warned_floor:
+            self._warned_floor = True
+            logger.warning("replication: rank %d: replicating each step's snapshot costs more than "
+                           "max_overhead_pct=%.1f%% of the step time here; keeping the one-step replica lag "
+                           "(the failover guarantee) over the budget (stats: floor_limited)",
+                           self.rank, self.cfg.max_overhead_pct)
+        self._bucket.set_rate(self._aimd.rate_bps)
         with self._gate_cond:
             self._paused = self._aimd.paused
             self._gate_cond.notify_all()
@@ -304,7 +326,8 @@ class ReplicationService:
         versions_dropped (as a holder; dropped: failed verification, incomplete, or no free buffer
         because a reader held the other one; each logged with its reason), versions_superseded, current_rate_mbps (None: unlimited),
         lag_steps (latest offered step minus the oldest step fully sent to a live holder),
-        dropped_peers (ranks), peer_errors ({rank: reason}), phase, baseline_step_s, backoffs."""
+        dropped_peers (ranks), peer_errors ({rank: reason}), phase, baseline_step_s, backoffs,
+        floor_limited (back-offs cut short to keep the one-step lag)."""
         with self._lock:
             out: Dict[str, Any] = dict(self._counters)
             out["peer_errors"] = dict(self._peer_errors)
@@ -316,6 +339,7 @@ class ReplicationService:
         out["phase"] = "off" if self.k == 0 else (self._aimd.phase if self._aimd else "fixed")
         out["baseline_step_s"] = self._aimd.baseline_s if self._aimd else None
         out["backoffs"] = self._aimd.backoffs if self._aimd else 0
+        out["floor_limited"] = self._aimd.floor_limited if self._aimd else 0
         out["holders"], out["sources"] = list(self.holders), list(self.sources)
         return out
 

@@ -1,11 +1,10 @@
 """Replication throttling: a byte-rate token bucket and an AIMD controller driven by step time.
 
 `TokenBucket` caps the bytes every sender thread of one rank puts on the wire together
-(`max_bandwidth_mbps`, or the adaptive rate). `AimdThrottle` measures a baseline of the compute
-time (forward/backward: the part of a step that replication overlaps) with replication paused,
-then watches it while replicating: when it is inflated by more than `max_overhead_pct` over the
-baseline it halves the rate (multiplicative decrease); while it is within budget it raises the
-rate by a fixed increment (additive increase).
+(`max_bandwidth_mbps`, or the adaptive rate). `AimdThrottle` measures a step-time baseline with
+replication paused, then watches the step time while replicating: when it is inflated by more than
+`max_overhead_pct` over the baseline it halves the rate (multiplicative decrease); while it is
+within budget it raises the rate by a fixed increment (additive increase).
 
 Both take an injectable clock so that the unit tests need neither threads nor sleeps.
 Rates are in bytes per second; `None` means "no limit".
@@ -94,6 +93,11 @@ class AimdThrottle:
     `cooldown_steps` steps pass before the next decision. Within budget, the rate grows by
     `increase_bps` per step up to `max_rate_bps` (None: no cap; it returns to unlimited once it
     passes 4x the throughput at the first back-off).
+
+    `set_floor(bps)` raises the lower bound above `min_rate_bps`: the service sets it to the rate that
+    still delivers every version within its step, because the failover guarantee (at most one
+    completed step lost) ranks above the overhead budget. `floor_limited` counts the back-offs that
+    the floor cut short (the budget could not be met at a one-step lag).
     """
 
     def __init__(self, max_overhead_pct: float, max_rate_bps: Optional[float] = None,
@@ -117,6 +121,8 @@ class AimdThrottle:
         self.rate_bps: Optional[float] = max_rate_bps
         self.baseline_s: Optional[float] = None
         self.backoffs = 0
+        self.floor_limited = 0
+        self._floor_bps = 0.0
         self._reference_bps: Optional[float] = max_rate_bps  # scale of the additive increment
         self._state = "warmup" if warmup_steps > 0 else "baseline"
         self._to_skip = warmup_steps
@@ -143,7 +149,7 @@ class AimdThrottle:
         return max(self.min_rate_bps, 0.05 * (self._reference_bps or 20 * self.min_rate_bps))
 
     def observe(self, step_time_s: float, sent_bytes: int = 0) -> None:
-        """Feed one step's compute time and the replication bytes sent during it."""
+        """Feed one step's wall time and the replication bytes sent during it."""
         if self._state == "warmup":
             self._to_skip -= 1
             if self._to_skip <= 0:
@@ -179,11 +185,26 @@ class AimdThrottle:
         elif self.rate_bps is not None:
             self._increase_rate()
 
+    def set_floor(self, floor_bps: float) -> None:
+        """Never throttle below `floor_bps` (lifts the current rate at once if it is lower)."""
+        self._floor_bps = max(0.0, float(floor_bps))
+        if self.rate_bps is not None and self.rate_bps < self.floor_bps:
+            self.rate_bps = self.floor_bps if self.max_rate_bps is None else min(self.max_rate_bps, self.floor_bps)
+
+    @property
+    def floor_bps(self) -> float:
+        return max(self.min_rate_bps, self._floor_bps)
+
     def _back_off(self, throughput_bps: float) -> None:
         current = self.rate_bps if self.rate_bps is not None else throughput_bps
         if self._reference_bps is None:
             self._reference_bps = current
-        self.rate_bps = max(self.min_rate_bps, current * self.decrease_factor)
+        wanted = current * self.decrease_factor
+        if wanted < self._floor_bps:
+            self.floor_limited += 1
+        self.rate_bps = max(self.floor_bps, wanted)
+        if self.max_rate_bps is not None:
+            self.rate_bps = min(self.rate_bps, self.max_rate_bps)
         self.backoffs += 1
         self._window.clear()
         self._window_bytes.clear()
