@@ -71,7 +71,9 @@ def rank_body(stage, k, pairs, block, d, layers, adaptive):
     out = {"off": off, "on": on, "rate_MBps": statistics.median(rates) / 1e6, "lag_max": max(lags),
            "lag_median": statistics.median(lags), "snapshot_bytes": engine._ff.snapshotter.last_bytes,
            "versions_committed": stats["versions_committed"], "versions_dropped": stats["versions_dropped"],
-           "backoffs": stats.get("backoffs", 0), "floor_limited": stats.get("floor_limited", 0)}
+           "backoffs": stats.get("backoffs", 0), "floor_limited": stats.get("floor_limited", 0),
+           "fence_waits": stats.get("fence_waits", 0), "fence_wait_ms": stats.get("fence_wait_ms", 0.0),
+           "steps": engine.global_steps}
     engine.destroy()
     dist.destroy_process_group()
     return out
@@ -105,9 +107,12 @@ def main() -> None:
                   f"{v[0]['snapshot_bytes'] / 1e6:.1f}", f"{statistics.median(x['rate_MBps'] for x in v):.1f}",
                   max(x["lag_max"] for x in v), sum(x["versions_committed"] for x in v),
                   sum(x["versions_dropped"] for x in v), sum(x["backoffs"] for x in v),
-                  sum(x["floor_limited"] for x in v)]],
+                  sum(x["floor_limited"] for x in v),
+                  f"{sum(x['fence_waits'] for x in v)}/{sum(x['steps'] for x in v)}, "
+                  f"{sum(x['fence_wait_ms'] for x in v) / max(1, sum(x['fence_waits'] for x in v)):.1f} ms"]],
                 ["step ms (held)", "step ms (flowing)", "overhead", "snapshot MB/rank", "rate MB/s/rank",
-                 "max lag (steps)", "versions committed", "dropped", "back-offs", "held at the 1-step-lag floor"]))
+                 "max lag (steps)", "versions committed", "dropped", "back-offs", "held at the 1-step-lag floor",
+                 "steps that waited at the fence, mean wait"]))
 
 
 if __name__ == "__main__":

@@ -166,7 +166,7 @@ class FailoverRuntime:
     def before_optimizer_step(self) -> None:
         self.snapshotter.fence()  # step N's pack must be complete before this step changes that state
         if self.replication is not None:
-            self.replication.end_of_compute(self._step)  # a baseline step sends its held-back version now
+            self.replication.end_of_compute(self._step)  # fence: step N's replica is out before step N+1 ends
             self.replication.set_window(False)
 
     def after_optimizer_step(self, engine) -> None:

@@ -1,5 +1,6 @@
 """Rank body: real DeepSpeed engines replicating every step; report own and held snapshot hashes."""
 import hashlib
+import time
 
 import torch.distributed as dist
 
@@ -20,16 +21,24 @@ def replicate_and_report(stage, k, steps=8):
         engine.backward(loss)
         engine.step()
         ff_rt = engine._ff
+        lag_sent = ff_rt.replication.stats()["lag_steps"]  # sender side, right after the step
         ref = engine.latest_snapshot()
         own = (ref.step, _h(ref.buffer))
         ref.release()
+        # The previous version was fully sent before this step's optimizer step (the fence); its holder
+        # commits it on a receiver thread after verifying it: give that thread a moment on a busy CPU.
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and any(
+                not v or v[0][1] < engine.global_steps - 1
+                for v in ff_rt.replication.local_inventory().values()):
+            time.sleep(0.005)
         held = {}
         for src, versions in ff_rt.replication.local_inventory().items():
             rep = ff_rt.replication.replica(src)
             if rep is not None:
                 held[src] = (rep.step, _h(rep.buffer))
                 rep.release()
-        rows.append({"step": engine.global_steps, "own": own, "held": held})
+        rows.append({"step": engine.global_steps, "own": own, "held": held, "lag_sent": lag_sent})
         # Also keep every own version's hash (a replica may land one step later).
     inventory = engine.replica_inventory()
     stats = engine._ff.replication.stats()

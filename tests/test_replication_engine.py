@@ -28,6 +28,8 @@ def test_replicas_match_source_snapshots(stage, k):
         assert r.value["stats"]["versions_dropped"] == 0
     assert checked >= world * k * 6
     assert worst_lag <= 1, f"replication lagged {worst_lag} steps"
+    # the fence: after every step the sender has nothing older than the step before outstanding
+    assert all(row["lag_sent"] <= 1 for r in res for row in r.value["rows"][1:])
     inv = res[0].value["inventory"]
     for src in range(world):
         assert len(inv[src]) == k

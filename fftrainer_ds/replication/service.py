@@ -14,11 +14,12 @@ Call order (engine.py):
 
 One service per process-group generation: after a regroup, close the old one and build a new one
 with the new generation (its stream generation is in every header; a holder refuses others).
-With adaptive_throttle, after `warmup_steps` calls of `on_step`, senders are held during the
-compute of `baseline_steps` steps (and again every `rebaseline_every_steps`) to measure the
-baseline step time; each such step sends the version it held back inside its `end_of_compute`
-and waits for it, so a replica never lags by more than one step (the failover guarantee: at most
-one completed step lost). Without on_step calls there is no pause and no AIMD.
+`end_of_compute` is a fence: the optimizer step waits until the latest offered version reached every
+live holder, so a replica never lags by more than one step (the failover guarantee: at most one
+completed step lost); it costs nothing while replication keeps up. With adaptive_throttle, after
+`warmup_steps` calls of `on_step`, senders are held during the compute of `baseline_steps` steps
+(and again every `rebaseline_every_steps`) to measure the baseline step time; such a step sends its
+held-back version at that fence, outside its sample. Without on_step calls there is no pause and no AIMD.
 """
 from __future__ import annotations
 
@@ -117,7 +118,7 @@ class ReplicationService:
         self._paused = False
         self._held = False  # set_paused(): an explicit hold (benchmarks), on top of the throttle's
         self._counters = dict(bytes_sent=0, versions_committed=0, versions_dropped=0,
-                              versions_superseded=0)
+                              versions_superseded=0, fence_waits=0, fence_wait_ms=0.0)
         self._peer_errors: Dict[int, str] = {}
         self._first_offered: Optional[int] = None
         self._last_offered: Optional[Version] = None
@@ -234,20 +235,35 @@ class ReplicationService:
 
     def end_of_compute(self, step: int) -> None:
         """The training thread, when a step's forward/backward is over and before its optimizer step
-        (the window still open). A step that ran paused for the adaptive throttle's baseline sends the
-        version it held back now and waits for it (at most peer_timeout_s): the optimizer step that
-        follows may not complete while the previous step has no replica, or a failure right after it
-        would lose two steps. No-op on other steps and without the adaptive throttle."""
-        if self._aimd is None or not self._paused:
+        (the window still open): wait until the latest offered version (normally the previous step's)
+        has been sent to every live holder, at most peer_timeout_s.
+
+        This fence is the failover guarantee: no optimizer step completes while the step before it has
+        no replica, so a failure loses at most one completed step. It costs nothing while replication
+        keeps up (the throttle never goes below the rate that lets it); a step that ran paused for the
+        adaptive throttle's baseline sends its held-back version here, outside its sample. No wait while
+        replication is explicitly held (set_paused).
+        """
+        if self.k == 0 or self._closed or self._held:
+            return
+        was_paused = self._aimd is not None and self._paused
+        if was_paused:
+            with self._gate_cond:
+                self._paused = False
+                self._gate_cond.notify_all()
+        if all(t.dropped is not None or t.idle() for t in self._senders.values()):
             return
         t0 = time.perf_counter()
-        with self._gate_cond:
-            self._paused = False
-            self._gate_cond.notify_all()
         if not self.flush(self.peer_timeout_s):
-            logger.warning("replication: rank %d: the version held back for the baseline at step %d was not "
-                           "sent within %.1f s", self.rank, step, self.peer_timeout_s)
-        self._catch_up_s += time.perf_counter() - t0
+            logger.warning("replication: rank %d: the latest version before step %d's optimizer step was not sent "
+                           "within %.1f s", self.rank, step + 1, self.peer_timeout_s)
+        waited = time.perf_counter() - t0
+        if was_paused:
+            self._catch_up_s += waited
+        else:
+            with self._lock:
+                self._counters["fence_waits"] += 1
+                self._counters["fence_wait_ms"] += 1e3 * waited
 
     def on_step(self, step: int, step_time_s: float) -> None:
         """Feed one optimizer step's wall time to the adaptive throttle (no-op without it). The time a
@@ -327,7 +343,8 @@ class ReplicationService:
         because a reader held the other one; each logged with its reason), versions_superseded, current_rate_mbps (None: unlimited),
         lag_steps (latest offered step minus the oldest step fully sent to a live holder),
         dropped_peers (ranks), peer_errors ({rank: reason}), phase, baseline_step_s, backoffs,
-        floor_limited (back-offs cut short to keep the one-step lag)."""
+        floor_limited (back-offs cut short to keep the one-step lag), fence_waits and fence_wait_ms (steps
+        whose optimizer step waited for the previous version to reach its holders, and how long in all)."""
         with self._lock:
             out: Dict[str, Any] = dict(self._counters)
             out["peer_errors"] = dict(self._peer_errors)
