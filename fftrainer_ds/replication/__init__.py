@@ -6,7 +6,8 @@ engine-facing object, with the call order in its module docstring).
 """
 from .placement import placement, replica_holders, ring_order, sources_held_by
 from .receiver import ReplicaRef, SourceReplica
-from .service import ReplicationService, inventory_key, read_inventory
+from .inventory import inventory_key, read_inventory
+from .service import ReplicationService
 from .throttle import AimdThrottle, TokenBucket
 
 __all__ = ["AimdThrottle", "ReplicaRef", "ReplicationService", "SourceReplica", "TokenBucket", "inventory_key",

@@ -66,3 +66,23 @@ def sources_held_by(rank: int, world_size: int, k: int, node_of: Sequence[int]) 
     if not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} is outside the world of size {world_size}")
     return [src for src, holders in enumerate(placement(world_size, k, node_of)) if rank in holders]
+
+
+GB = 1_000_000_000  # max_host_memory_gb counts decimal gigabytes
+
+
+def check_memory(cfg, table: List[List[int]], sizes: Sequence[int]) -> None:
+    """ConfigError naming the numbers when some rank's own snapshot buffers plus its replicas (2 buffers
+    each, for the placement `table`) exceed `cfg.max_host_memory_gb` (no check when that is None)."""
+    budget = cfg.max_host_memory_gb
+    if budget is None:
+        return
+    nbuf, world_size = cfg.max_snapshot_buffers, len(table)
+    for r in range(world_size):
+        held = [s for s in range(world_size) if r in table[s]]
+        own, replicas = nbuf * sizes[r], 2 * sum(sizes[s] for s in held)
+        if own + replicas > budget * GB:
+            raise ConfigError(
+                f"fast_failover.max_host_memory_gb={budget}: rank {r} needs {(own + replicas) / GB:.3f} GB = "
+                f"{nbuf} own snapshot buffers x {sizes[r]} bytes ({own / GB:.3f} GB) + 2 buffers for each of "
+                f"{len(held)} replicas at replication_factor={cfg.replication_factor} ({replicas / GB:.3f} GB)")

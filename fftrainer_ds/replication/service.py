@@ -30,7 +30,7 @@ import threading
 import time
 import weakref
 from datetime import timedelta
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -38,37 +38,14 @@ import torch.distributed as dist
 from .. import ops
 from ..config import FastFailoverConfig
 from ..errors import ConfigError, RecoverableError
-from .placement import placement, replica_holders, sources_held_by
+from .inventory import Version, inventory_key, read_inventory
+from .placement import check_memory, placement, replica_holders, sources_held_by
 from .receiver import ReceiverThread, ReplicaRef, SourceReplica
 from .throttle import MB, AimdThrottle, TokenBucket
 from .transport import Channel, OutgoingVersion, SenderThread, TransportHooks, round_chunk_bytes
 
 logger = logging.getLogger("fftrainer_ds.replication")
 
-GB = 1_000_000_000  # max_host_memory_gb counts decimal gigabytes
-Version = Tuple[int, int]
-
-
-def inventory_key(generation: int, holder: int) -> str:
-    """Store key under which `holder` publishes the replicas it has committed (JSON, see below)."""
-    return f"fftrainer/replication/gen{generation}/holder/{holder}"
-
-
-def read_inventory(store, generation: int, world_size: int) -> Dict[int, Dict[int, List[Version]]]:
-    """source -> {holder -> committed versions}, from what holders published to `store`.
-
-    Works when ranks are dead (their last publication stays: intersect with the live ranks).
-    Value of each key: {"holder": h, "generation": g, "sources": {"<src>": [[gen, step], ...]}}.
-    """
-    out: Dict[int, Dict[int, List[Version]]] = {src: {} for src in range(world_size)}
-    for holder in range(world_size):
-        key = inventory_key(generation, holder)
-        if not store.check([key]):
-            continue
-        doc = json.loads(store.get(key).decode())
-        for src, versions in doc["sources"].items():
-            out.setdefault(int(src), {})[holder] = [tuple(v) for v in versions]
-    return out
 
 
 _live_services: "weakref.WeakSet[ReplicationService]" = weakref.WeakSet()
@@ -144,7 +121,7 @@ class ReplicationService:
         # Sizes are only needed for the memory budget (every rank has the same config: same collectives).
         sizes = self._gather_sizes(int(snapshot_bytes)) if cfg.max_host_memory_gb is not None else []
         try:
-            self._check_memory(table, sizes)
+            check_memory(self.cfg, table, sizes)
         except ConfigError:
             if self._own_group:
                 dist.destroy_process_group(group)
@@ -184,20 +161,6 @@ class ReplicationService:
         out = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
         dist.all_gather(out, mine, group=self.group)
         return [int(t.item()) for t in out]
-
-    def _check_memory(self, table: List[List[int]], sizes: List[int]) -> None:
-        budget = self.cfg.max_host_memory_gb
-        if budget is None:
-            return
-        nbuf = self.cfg.max_snapshot_buffers
-        for r in range(self.world_size):
-            held = [s for s in range(self.world_size) if r in table[s]]
-            own, replicas = nbuf * sizes[r], 2 * sum(sizes[s] for s in held)
-            if own + replicas > budget * GB:
-                raise ConfigError(
-                    f"fast_failover.max_host_memory_gb={budget}: rank {r} needs {(own + replicas) / GB:.3f} GB = "
-                    f"{nbuf} own snapshot buffers x {sizes[r]} bytes ({own / GB:.3f} GB) + 2 buffers for each of "
-                    f"{len(held)} replicas at replication_factor={self.k} ({replicas / GB:.3f} GB)")
 
     # ---- engine-facing calls -------------------------------------------------------------------
     def offer(self, ref) -> None:
