@@ -33,6 +33,8 @@ class FailoverEngine(DeepSpeedEngine):
         spec = None
         if ff_config.enabled:  # captured before DeepSpeed wraps the model (reused when failover_initialize made it)
             spec = ctx["spec"] if ctx and ctx["spec"].model_id == id(kwargs["model"]) else RebuildSpec(kwargs)
+            if ctx:
+                spec.prepare()  # only a job under fftrainer-launch ever rebuilds
         super().__init__(**kwargs)
         self.ff_config: FastFailoverConfig = ff_config
         self._ff_spec = spec

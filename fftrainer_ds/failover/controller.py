@@ -56,6 +56,12 @@ def is_comm_failure(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _COMM_MARKERS)
 
 
+def _recoverable(exc: BaseException) -> RecoverableError:
+    """A detached copy of a communication failure: the original's traceback holds DeepSpeed frames,
+    and through them the old process groups."""
+    return RecoverableError(f"{type(exc).__name__}: {str(exc)[:300]}")
+
+
 class FailoverController:
     """Per-process failover state: the membership agent, the recovery log, this generation's sockets."""
 
@@ -91,7 +97,7 @@ class FailoverController:
         except BaseException as exc:
             if not is_comm_failure(exc):
                 raise
-            failure = RecoverableError(f"{type(exc).__name__}: {str(exc)[:300]}")
+            failure = _recoverable(exc)
         if failure is not None:
             # Recover outside the except block: the traceback's DeepSpeed frames hold the old groups.
             self.recover(engine, failure)
@@ -121,7 +127,6 @@ class FailoverController:
         t_released = time.time()
         g = self.agent.wait_for_generation(after=self.agent.generation)
         t_gen = time.time()
-        before = sockets.socket_fds()
         for _ in range(_MAX_ATTEMPTS):
             try:
                 t0 = time.time()  # the old groups are already gone (release_engine)
@@ -143,8 +148,7 @@ class FailoverController:
             except BaseException as again:  # a second failure during recovery: next generation
                 if not is_comm_failure(again) and not isinstance(again, membership.GenerationChanged):
                     raise
-                problem = None if isinstance(again, membership.GenerationChanged) else \
-                    RecoverableError(f"{type(again).__name__}: {str(again)[:300]}")
+                problem = None if isinstance(again, membership.GenerationChanged) else _recoverable(again)
             logger.warning("fftrainer_ds: rank %d: failure during recovery (%s); moving past generation %d",
                            rank, problem or "newer generation", g)
             self.abandon_generation()

@@ -39,8 +39,7 @@ class RebuildSpec:
                               "(optimizer -> scheduler), not as an instance")
         self.device = next(model.parameters()).device
         self.template = meta_template(model)
-        self._ready: Optional[nn.Module] = None
-        self.prepare()
+        self._ready: Optional[nn.Module] = None  # see prepare()
         names = {id(p): n for n, p in model.named_parameters()}
         params = init_kwargs.get("model_parameters")
         if params is not None:
