@@ -78,7 +78,6 @@ class FailoverRuntime:
         self._in_flight = False
         self.paused = False
         self._last_step_end: Optional[float] = None
-        self._step = 0  # the last completed optimizer step
 
     def _start_replication(self, engine, nodes: Optional[Sequence[Any]] = None) -> None:
         """Collective (the replication group, and the node map unless `nodes` gives each rank's node):
@@ -166,7 +165,7 @@ class FailoverRuntime:
     def before_optimizer_step(self) -> None:
         self.snapshotter.fence()  # step N's pack must be complete before this step changes that state
         if self.replication is not None:
-            self.replication.end_of_compute(self._step)  # fence: step N's replica is out before step N+1 ends
+            self.replication.end_of_compute()  # fence: step N's replica is out before step N+1 ends
             self.replication.set_window(False)
 
     def after_optimizer_step(self, engine) -> None:
@@ -180,7 +179,6 @@ class FailoverRuntime:
         self._in_flight = not self.paused and self.interval.should_snapshot(step)
         if self._in_flight:
             self.snapshotter.begin(step, snap_state.capture(engine, engine._ff_data_position()))
-        self._step = step
         if self.replication is not None:
             self.replication.set_window(True)
             if step_time is not None:

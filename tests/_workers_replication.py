@@ -261,7 +261,7 @@ def adaptive_run(steps, base_bytes):
         time.sleep(0.1)  # compute
         dist.all_reduce(torch.ones(1))
         before = counter.started
-        svc.end_of_compute(step)
+        svc.end_of_compute()
         flushed, lag = counter.started, svc.stats()["lag_steps"]
         svc.set_window(False)  # optimizer step
         svc.set_window(True)

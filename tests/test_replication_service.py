@@ -169,7 +169,7 @@ def test_service_without_replication_and_early_config_errors():
     assert ref.released == 1 and svc.local_inventory() == {} and svc.replica(1) is None
     assert svc.replica_inventory() == {0: {}} and svc.flush(0.1)
     assert svc.stats()["phase"] == "off" and svc.stats()["lag_steps"] == 0
-    svc.end_of_compute(1)
+    svc.end_of_compute()
     svc.on_step(1, 0.1)
     svc.close()
     # refused before any collective, identically on every rank

@@ -5,7 +5,7 @@ Call order (engine.py):
     svc = ReplicationService(cfg, rank, world, node_of, snapshot_bytes, store, generation)  # COLLECTIVE
     per step:  svc.set_window(True)                      # forward/backward: senders may send
                ... svc.offer(pool.acquire_committed())   # hands over the lease, never blocks
-               svc.end_of_compute(step)                  # forward/backward over (may send, see below)
+               svc.end_of_compute()                      # forward/backward over (may send, see below)
                svc.set_window(False)                     # optimizer step / its collectives
                svc.set_window(True); svc.on_step(step, step_time_s)
     any time:  svc.stats(), svc.local_inventory(), svc.replica(src) (a lease: release it)
@@ -196,7 +196,7 @@ class ReplicationService:
             self._held = paused
             self._gate_cond.notify_all()
 
-    def end_of_compute(self, step: int) -> None:
+    def end_of_compute(self) -> None:
         """The training thread, when a step's forward/backward is over and before its optimizer step
         (the window still open): wait until the latest offered version (normally the previous step's)
         has been sent to every live holder, at most peer_timeout_s.
@@ -214,12 +214,14 @@ class ReplicationService:
             with self._gate_cond:
                 self._paused = False
                 self._gate_cond.notify_all()
-        if all(t.dropped is not None or t.idle() for t in self._senders.values()):
+        if self._all_sent():
             return
         t0 = time.perf_counter()
         if not self.flush(self.peer_timeout_s):
-            logger.warning("replication: rank %d: the latest version before step %d's optimizer step was not sent "
-                           "within %.1f s", self.rank, step + 1, self.peer_timeout_s)
+            with self._lock:
+                last = self._last_offered
+            logger.warning("replication: rank %d: the version of step %s was not sent within %.1f s; the optimizer "
+                           "step goes on", self.rank, last[1] if last else "?", self.peer_timeout_s)
         waited = time.perf_counter() - t0
         if was_paused:
             self._catch_up_s += waited
@@ -238,7 +240,7 @@ class ReplicationService:
             self._bytes_at_last_step = self._counters["bytes_sent"]
         if self._catch_up_s:
             step_time_s, sent, self._catch_up_s = max(0.0, step_time_s - self._catch_up_s), 0, 0.0
-        live = sum(1 for t in self._senders.values() if t.dropped is None)
+        live = len(self._live_senders())
         if live and self._last_version_bytes and step_time_s > 0:
             # Every version to every live holder within about half a step: the replica lag stays at
             # one step even when the overhead budget cannot be met (that is counted and reported).
@@ -261,7 +263,7 @@ class ReplicationService:
         right after); False on timeout. Sending needs the window open and no baseline pause."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if all(s.dropped is not None or s.idle() for s in self._senders.values()):
+            if self._all_sent():
                 return True
             time.sleep(0.005)
         return False
@@ -323,13 +325,20 @@ class ReplicationService:
         out["holders"], out["sources"] = list(self.holders), list(self.sources)
         return out
 
+    def _live_senders(self) -> List[SenderThread]:
+        return [t for t in self._senders.values() if t.dropped is None]
+
+    def _all_sent(self) -> bool:
+        """Every live holder was sent the latest offered version."""
+        return all(t.idle() for t in self._live_senders())
+
     def _lag_steps(self) -> int:
         with self._lock:
             last, first = self._last_offered, self._first_offered
         if last is None:
             return 0
         lags = [last[1] - s.delivered[1] if s.delivered else last[1] - first + 1
-                for s in self._senders.values() if s.dropped is None]
+                for s in self._live_senders()]
         return max(lags, default=0)
 
     # ---- shutdown -------------------------------------------------------------------------------

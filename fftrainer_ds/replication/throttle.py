@@ -188,12 +188,17 @@ class AimdThrottle:
     def set_floor(self, floor_bps: float) -> None:
         """Never throttle below `floor_bps` (lifts the current rate at once if it is lower)."""
         self._floor_bps = max(0.0, float(floor_bps))
-        if self.rate_bps is not None and self.rate_bps < self.floor_bps:
-            self.rate_bps = self.floor_bps if self.max_rate_bps is None else min(self.max_rate_bps, self.floor_bps)
+        if self.rate_bps is not None:
+            self.rate_bps = self._clamp(self.rate_bps)
 
     @property
     def floor_bps(self) -> float:
         return max(self.min_rate_bps, self._floor_bps)
+
+    def _clamp(self, rate_bps: float) -> float:
+        """Within [floor, max_rate_bps]; the user's fixed max_bandwidth_mbps wins over the floor."""
+        rate_bps = max(self.floor_bps, rate_bps)
+        return rate_bps if self.max_rate_bps is None else min(self.max_rate_bps, rate_bps)
 
     def _back_off(self, throughput_bps: float) -> None:
         current = self.rate_bps if self.rate_bps is not None else throughput_bps
@@ -202,9 +207,7 @@ class AimdThrottle:
         wanted = current * self.decrease_factor
         if wanted < self._floor_bps:
             self.floor_limited += 1
-        self.rate_bps = max(self.floor_bps, wanted)
-        if self.max_rate_bps is not None:
-            self.rate_bps = min(self.rate_bps, self.max_rate_bps)
+        self.rate_bps = self._clamp(wanted)
         self.backoffs += 1
         self._window.clear()
         self._window_bytes.clear()
