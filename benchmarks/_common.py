@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import statistics
-from typing import Dict, List, Sequence
+import time
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 
 def paired_overhead(off: Sequence[float], on: Sequence[float]) -> Dict[str, float]:
@@ -10,6 +11,24 @@ def paired_overhead(off: Sequence[float], on: Sequence[float]) -> Dict[str, floa
     ratios = [b / a - 1.0 for a, b in zip(off, on)]
     return {"off_s": statistics.median(off), "on_s": statistics.median(on),
             "overhead_pct": 100.0 * statistics.median(ratios)}
+
+
+def timed_steps(engine, batches: Iterator, n: int, after: Optional[Callable[[], None]] = None) -> List[float]:
+    """Wall time of `n` training steps, each started together on every rank (a barrier before it);
+    `after()` runs after each step, outside its time."""
+    import torch.distributed as dist
+
+    times = []
+    for _ in range(n):
+        dist.barrier()
+        t0 = time.perf_counter()
+        loss = engine(next(batches))
+        engine.backward(loss)
+        engine.step()
+        times.append(time.perf_counter() - t0)
+        if after is not None:
+            after()
+    return times
 
 
 def table(rows: List[List[str]], header: List[str]) -> str:

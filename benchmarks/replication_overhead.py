@@ -28,6 +28,8 @@ def rank_body(stage, k, pairs, block, d, layers, adaptive):
     from fftrainer_ds.testing import worker_init_process_group
     from fftrainer_ds.testing.models import TinyGPT, TokenDataset, ds_config
 
+    from _common import timed_steps
+
     ds_adapter.skip_shm_comm_build()
     worker_init_process_group()
     torch.manual_seed(0)
@@ -41,17 +43,8 @@ def rank_body(stage, k, pairs, block, d, layers, adaptive):
 
     def run_block(held: bool):
         svc.set_paused(held)
-        times = []
         sent0, t0 = svc.stats()["bytes_sent"], time.perf_counter()
-        for _ in range(block):
-            dist.barrier()
-            t = time.perf_counter()
-            loss = engine(next(it))
-            engine.backward(loss)
-            engine.step()
-            times.append(time.perf_counter() - t)
-            if not held:
-                lags.append(svc.stats()["lag_steps"])
+        times = timed_steps(engine, it, block, after=None if held else lambda: lags.append(svc.stats()["lag_steps"]))
         rate = (svc.stats()["bytes_sent"] - sent0) / (time.perf_counter() - t0)
         return statistics.median(times), rate
 

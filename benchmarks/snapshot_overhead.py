@@ -29,6 +29,8 @@ def rank_body(stage: int, pairs: int, block: int, d: int, layers: int, dtype: st
     from fftrainer_ds.testing import worker_init_process_group
     from fftrainer_ds.testing.models import TinyGPT, TokenDataset, ds_config
 
+    from _common import timed_steps
+
     ds_adapter.skip_shm_comm_build()
     worker_init_process_group()
     torch.manual_seed(0)
@@ -41,15 +43,7 @@ def rank_body(stage: int, pairs: int, block: int, d: int, layers: int, dtype: st
 
     def run_block(paused: bool) -> float:
         engine.snapshots_paused = paused
-        times = []
-        for _ in range(block):
-            dist.barrier()
-            t0 = time.perf_counter()
-            loss = engine(next(it))
-            engine.backward(loss)
-            engine.step()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        return statistics.median(timed_steps(engine, it, block))
 
     run_block(False), run_block(True)  # warm-up
     off, on = [], []
