@@ -70,7 +70,7 @@ class NaiveCopy:
 
 class PackerAdapter:
     def __init__(self, **kw):
-        from fftrainer_ds.snapshot.cuda_packer import CudaPacker
+        from fftrainer_ds.ops.cuda_packer import CudaPacker
 
         self.p = CudaPacker(**kw)
         self.active = False
@@ -105,7 +105,7 @@ def build_engine():
     cfg.pop("fast_failover", None)
     try:
         import fftrainer_ds
-        from fftrainer_ds import ds_adapter
+        from fftrainer_ds.ds import adapter as ds_adapter
 
         ds_adapter.skip_shm_comm_build()
         engine = fftrainer_ds.initialize(model=model, model_parameters=model.parameters(), config=cfg)[0]
@@ -134,7 +134,7 @@ def shard_tensors(engine, fraction: float):
 def run_gpu(args) -> Dict:
     import torch
 
-    from fftrainer_ds._ds_sync import count_device_syncs, deepspeed_streams, no_device_sync
+    from fftrainer_ds.ds.sync import count_device_syncs, deepspeed_streams, no_device_sync
 
     out_dir = os.environ.get("OUT", ".")
     pairs = int(os.environ.get("FFTRAINER_GPU_PAIRS", "4"))

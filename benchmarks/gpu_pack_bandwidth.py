@@ -55,7 +55,7 @@ def timed(fn, reps: int, sync=torch.cuda.synchronize) -> float:
 
 
 def bandwidth(total_gb: float, reps: int):
-    from fftrainer_ds.snapshot.cuda_packer import CudaPacker
+    from fftrainer_ds.ops.cuda_packer import CudaPacker
 
     srcs, offsets, total, nbytes = make_segments(int(total_gb * 1e9))
     dst = torch.empty(total, dtype=torch.uint8, pin_memory=True)
@@ -116,7 +116,7 @@ def bandwidth(total_gb: float, reps: int):
 
 def priority_effect(pack_mb: int = 288, reps: int = 5):
     """bf16 matmul time alone vs with a concurrent pack; compute stream at priority 0 and -1."""
-    from fftrainer_ds.snapshot.cuda_packer import CudaPacker
+    from fftrainer_ds.ops.cuda_packer import CudaPacker
 
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)

@@ -24,7 +24,7 @@ def rank_body(stage, k, pairs, block, d, layers, adaptive):
     import torch.distributed as dist
 
     import fftrainer_ds
-    from fftrainer_ds import ds_adapter
+    from fftrainer_ds.ds import adapter as ds_adapter
     from fftrainer_ds.testing import worker_init_process_group
     from fftrainer_ds.testing.models import TinyGPT, TokenDataset, ds_config
 

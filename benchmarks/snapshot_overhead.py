@@ -25,7 +25,7 @@ def rank_body(stage: int, pairs: int, block: int, d: int, layers: int, dtype: st
     import torch.distributed as dist
 
     import fftrainer_ds
-    from fftrainer_ds import ds_adapter
+    from fftrainer_ds.ds import adapter as ds_adapter
     from fftrainer_ds.testing import worker_init_process_group
     from fftrainer_ds.testing.models import TinyGPT, TokenDataset, ds_config
 

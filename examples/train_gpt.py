@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fftrainer_ds  # noqa: E402
-from fftrainer_ds import ds_adapter  # noqa: E402
+from fftrainer_ds.ds import adapter as ds_adapter  # noqa: E402
 from fftrainer_ds.testing.digest import model_digest  # noqa: E402
 from fftrainer_ds.testing.models import TinyGPT, TokenDataset, ds_config  # noqa: E402
 

@@ -25,7 +25,7 @@ def initialize(args: Any = None, model=None, optimizer=None, model_parameters=No
     from deepspeed.constants import TORCH_DISTRIBUTED_DEFAULT_PORT
     from deepspeed.pipe import PipelineModule
 
-    from . import ds_adapter
+    from .ds import adapter as ds_adapter
     from .engine import FailoverEngine
 
     if model is None:

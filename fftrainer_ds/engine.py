@@ -9,13 +9,14 @@ import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
 
 from .config import FastFailoverConfig, parse_config
-from .data import ResumableDataLoader
+from .ds.data import ResumableDataLoader
 from .errors import SnapshotError
 from .failover.controller import build_context
 from .failover.sockets import opened_since
 from .failover.rebuild import RebuildSpec
 from .runtime import FailoverRuntime
-from .snapshot import state as snap_state
+from .ds import state as snap_state
+from .snapshot.codec import decode_tree
 from .snapshot.format import read_snapshot
 from .snapshot.persist import read_file, resolve
 from .snapshot.pool import SnapshotRef
@@ -130,8 +131,8 @@ class FailoverEngine(DeepSpeedEngine):
         else:
             source, data = "<in-memory snapshot>", snapshot
         parsed = read_snapshot(data, source, backend=self.ff_config.snapshot_backend)
-        snap_state.check_compatible(self, parsed, self.global_rank, self.world_size, source)
-        position = snap_state.apply(self, snap_state.load_tree(parsed))
+        snap_state.check_compatible(self, parsed, snap_state.fingerprint(self), source)
+        position = snap_state.apply(self, decode_tree(parsed))
         if position is not None and isinstance(self.training_dataloader, ResumableDataLoader):
             self.training_dataloader.load_state_dict(position)
         ff.rolled_back(parsed.step)

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .config import FastFailoverConfig
 from .errors import ConfigError, TerminalError
 from .failover import protocol as P
-from .failover.detector import NodeSupervisor
+from .failover.supervisor import NodeSupervisor
 
 log = logging.getLogger("fftrainer_ds.launch")
 

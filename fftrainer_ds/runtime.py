@@ -14,10 +14,11 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from . import ds_adapter, ops
+from . import ops
+from .ds import adapter as ds_adapter
 from .config import FastFailoverConfig
 from .errors import ConfigError
-from .snapshot import state as snap_state
+from .ds import state as snap_state
 from .snapshot.interval import make_interval_policy
 from .snapshot.persist import Persister
 from .snapshot.snapshotter import Snapshotter
@@ -178,7 +179,7 @@ class FailoverRuntime:
         step = engine.global_steps
         self._in_flight = not self.paused and self.interval.should_snapshot(step)
         if self._in_flight:
-            self.snapshotter.begin(step, snap_state.capture(engine, engine._ff_data_position()))
+            self.snapshotter.begin(step, snap_state.capture(engine, engine._ff_data_position(), snap_state.fingerprint(engine)))
         if self.replication is not None:
             self.replication.set_window(True)
             if step_time is not None:

@@ -5,7 +5,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from fftrainer_ds import ds_adapter
+from fftrainer_ds.ds import adapter as ds_adapter
 from fftrainer_ds.failover.rebuild import rebuild_in_place
 from tests._workers_snapshot import _digest, _engine, _train
 

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 import fftrainer_ds
-from fftrainer_ds import ds_adapter
+from fftrainer_ds.ds import adapter as ds_adapter
 from fftrainer_ds.testing import worker_init_process_group
 from fftrainer_ds.testing.models import TinyGPT, TokenDataset, ds_config
 

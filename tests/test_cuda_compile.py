@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fftrainer_ds.ops import reference
-from fftrainer_ds.snapshot.cuda_packer import plan_windows
+from fftrainer_ds.ops.cuda_packer import plan_windows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SRC = os.path.join(ROOT, "csrc", "pack_kernels.cu")

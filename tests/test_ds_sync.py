@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from fftrainer_ds import _ds_sync
-from fftrainer_ds._ds_sync import _patched, count_device_syncs, deepspeed_streams, no_device_sync
+from fftrainer_ds.ds import sync as _ds_sync
+from fftrainer_ds.ds.sync import _patched, count_device_syncs, deepspeed_streams, no_device_sync
 
 
 class FakeAccelerator:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fftrainer_ds.ops import reference
-from fftrainer_ds.snapshot.cuda_packer import plan_windows, split_even
+from fftrainer_ds.ops.cuda_packer import plan_windows, split_even
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

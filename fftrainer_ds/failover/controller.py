@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from .. import ds_adapter
+from ..ds import adapter as ds_adapter
 from ..errors import RecoverableError, TerminalError
 from . import membership
 from . import sockets

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from .. import ds_adapter
+from ..ds import adapter as ds_adapter
 from ..errors import ConfigError
 from .template import materialize, meta_template
 

@@ -17,7 +17,7 @@ import torch
 from .. import ops
 from .format import Layout, plan_layout, write_header
 from .pool import SnapshotPool, SnapshotRef
-from .state import Captured, named_segments
+from .codec import Captured, named_segments
 
 logger = logging.getLogger("fftrainer_ds")
 

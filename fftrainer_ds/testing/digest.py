@@ -6,7 +6,7 @@ import hashlib
 import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-from .. import ds_adapter
+from ..ds import adapter as ds_adapter
 
 
 def model_digest(engine) -> str:

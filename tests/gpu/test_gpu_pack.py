@@ -132,7 +132,7 @@ def test_native_and_triton_buffers_identical():
 
 
 def packer_cls():
-    from fftrainer_ds.snapshot.cuda_packer import CudaPacker
+    from fftrainer_ds.ops.cuda_packer import CudaPacker
 
     return CudaPacker
 
@@ -203,7 +203,7 @@ def test_no_device_sync_skips_side_streams():
     pytest.importorskip("deepspeed")
     from deepspeed.accelerator import get_accelerator
 
-    from fftrainer_ds._ds_sync import no_device_sync
+    from fftrainer_ds.ds.sync import no_device_sync
 
     acc = get_accelerator()
     side = torch.cuda.Stream(priority=0)

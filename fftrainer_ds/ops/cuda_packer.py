@@ -35,7 +35,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ..errors import SnapshotError
-from ..ops.reference import as_bytes
+from .reference import as_bytes
 
 logger = logging.getLogger("fftrainer_ds")
 
