@@ -24,6 +24,16 @@ def want_cuda() -> bool:
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
+def rpath_flags(device_type: str) -> list:
+    """Linker flags recording, in _C, the directories it was linked against (torch's lib, CUDA's).
+
+    The dynamic loader resolves libc10.so and the other torch libraries when Python dlopens _C, before
+    any code of ours runs; without this rpath only an interpreter that had imported torch first (so
+    the libraries were already loaded) could import `fftrainer_ds._C`.
+    """
+    return [f"-Wl,-rpath,{path}" for path in cpp_extension.library_paths(device_type=device_type)]
+
+
 def native_extension():
     sources = [f"{CSRC}/bindings.cpp", f"{CSRC}/pack_cpu.cpp"]
     if want_cuda():
@@ -32,8 +42,10 @@ def native_extension():
             "fftrainer_ds._C", sources,
             define_macros=[("FFTRAINER_WITH_CUDA", "1")],
             extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+            extra_link_args=rpath_flags("cuda"),
         )
-    return cpp_extension.CppExtension("fftrainer_ds._C", sources, extra_compile_args=CXX_FLAGS)
+    return cpp_extension.CppExtension("fftrainer_ds._C", sources, extra_compile_args=CXX_FLAGS,
+                                      extra_link_args=rpath_flags("cpu"))
 
 
 setup(

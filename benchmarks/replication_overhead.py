@@ -37,7 +37,7 @@ def rank_body(stage, k, pairs, block, d, layers, adaptive):
     cfg = ds_config(stage, micro_batch=4, fast_failover={"replication_factor": k, "adaptive_throttle": adaptive})
     engine, _, loader, _ = fftrainer_ds.initialize(model=model, model_parameters=model.parameters(),
                                                    training_data=TokenDataset(n=8192, seq=64), config=cfg)
-    svc = engine._ff.replication
+    svc = engine.ff_runtime.replication
     it = iter(loader)
     lags = []
 
@@ -62,7 +62,7 @@ def rank_body(stage, k, pairs, block, d, layers, adaptive):
     svc.set_paused(False)
     stats = svc.stats()
     out = {"off": off, "on": on, "rate_MBps": statistics.median(rates) / 1e6, "lag_max": max(lags),
-           "lag_median": statistics.median(lags), "snapshot_bytes": engine._ff.snapshotter.last_bytes,
+           "lag_median": statistics.median(lags), "snapshot_bytes": engine.ff_runtime.snapshotter.last_bytes,
            "versions_committed": stats["versions_committed"], "versions_dropped": stats["versions_dropped"],
            "backoffs": stats.get("backoffs", 0), "floor_limited": stats.get("floor_limited", 0),
            "fence_waits": stats.get("fence_waits", 0), "fence_wait_ms": stats.get("fence_wait_ms", 0.0),

@@ -259,6 +259,10 @@ bool has_cuda() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // `import fftrainer_ds._C` may come before any `import torch`: the tensor type casters below need
+  // torch's Python bindings initialized (torch.Tensor registered) before a tensor crosses the
+  // boundary, and only importing torch does that.
+  pybind11::module_::import("torch");
   m.doc() = "fftrainer_ds native kernels: snapshot gather + FF31 checksum";
   m.def("pack", &pack, "Copy each CPU source into dst at its byte offset and return the FF31 checksum of each, "
         "in one multithreaded pass (GIL released).",

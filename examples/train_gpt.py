@@ -56,7 +56,7 @@ def main():
     np.random.seed(0)
     model = TinyGPT(d=a.d, layers=a.layers, dropout=0.1)
     ff = None if a.no_failover else {
-        "replication_factor": a.replication_factor, "heartbeat_interval_s": min(0.5, a.heartbeat_timeout / 3),
+        "replication_factor": a.replication_factor,
         "heartbeat_timeout_s": a.heartbeat_timeout, "collective_timeout_s": 30.0,
         "persist_dir": a.persist_dir, "persist_interval_steps": a.persist_interval}
     engine, _, loader, _ = fftrainer_ds.initialize(model=model, model_parameters=model.parameters(),
@@ -101,7 +101,7 @@ def main():
     digest = model_digest(engine)  # full weights + fp32 master + Adam moments, padding-free
     with open(os.path.join(a.out, f"final.rank{rank}.json"), "w") as f:
         json.dump({"rank": rank, "digest": digest, "steps": engine.global_steps,
-                   "recoveries": engine.recoveries if not a.no_failover else [],
+                   "recoveries": [r.to_dict() for r in engine.recoveries] if not a.no_failover else [],
                    "snapshot": engine.snapshot_stats() if not a.no_failover else {}}, f, default=str)
     engine.destroy()
     torch.distributed.destroy_process_group()

@@ -21,41 +21,37 @@ def initialize(args: Any = None, model=None, optimizer=None, model_parameters=No
                dist_init_required: Optional[bool] = None, collate_fn=None, config=None, mesh_param=None,
                config_params=None):
     """Drop-in for `deepspeed.initialize`: returns (engine, optimizer, training_dataloader, lr_scheduler)."""
-    import deepspeed
-    from deepspeed.constants import TORCH_DISTRIBUTED_DEFAULT_PORT
-    from deepspeed.pipe import PipelineModule
-
-    from .ds import adapter as ds_adapter
-    from .engine import FailoverEngine
+    from .ds import adapter
 
     if model is None:
         raise ValueError("fftrainer_ds.initialize requires a model")
-    port = TORCH_DISTRIBUTED_DEFAULT_PORT if distributed_port is None else distributed_port
-    cfg_dict = ds_adapter.load_config_dict(args, config, config_params)
+    port = adapter.default_port() if distributed_port is None else distributed_port
+    cfg_dict = adapter.load_config_dict(args, config, config_params)
     ff = parse_config(cfg_dict)  # fail fast on a bad section, before any process group work
-    if isinstance(model, PipelineModule):
-        if ff.enabled:
-            raise ConfigError("fast_failover: pipeline parallelism is not supported; set \"enabled\": false")
-        return deepspeed.initialize(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
-                                    training_data=training_data, lr_scheduler=lr_scheduler, distributed_port=port,
-                                    mpu=mpu, dist_init_required=dist_init_required, collate_fn=collate_fn,
-                                    config=cfg_dict)
     kwargs = dict(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
                   training_data=training_data, lr_scheduler=lr_scheduler, distributed_port=port, mpu=mpu,
-                  dist_init_required=dist_init_required, collate_fn=collate_fn, config=cfg_dict, mesh_param=mesh_param)
+                  dist_init_required=dist_init_required, collate_fn=collate_fn, config=cfg_dict)
+    if isinstance(model, adapter.pipeline_module_class()):
+        if ff.enabled:
+            raise ConfigError("fast_failover: pipeline parallelism is not supported; set \"enabled\": false")
+        return adapter.plain_initialize(**kwargs)
+    engine = _build(ff.enabled, dict(kwargs, mesh_param=mesh_param))
+    return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
 
-    def build(**kw):
-        return ds_adapter.build_engine(FailoverEngine, **kw)
 
+def _build(enabled: bool, kwargs):
+    from .ds import adapter
+    from .engine import FailoverEngine
     from .failover import membership
 
-    if ff.enabled and membership.under_supervisor():
+    def build(**kw):
+        return adapter.build_engine(FailoverEngine, **kw)
+
+    if enabled and membership.under_supervisor():
         from .failover.controller import failover_initialize
 
-        engine = failover_initialize(build, kwargs)  # spares wait inside until they replace a rank
-    else:
-        engine = build(**kwargs)
-    return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
+        return failover_initialize(build, kwargs)  # spares wait inside until they replace a rank
+    return build(**kwargs)
 
 
 def __getattr__(name: str):

@@ -1,7 +1,9 @@
-"""Per-rank fast-failover runtime: snapshots, replication, persistence, metrics.
+"""`RankRuntime`: the per-rank facade of fast failover, the one object the engine and failover use.
 
-`FailoverEngine` owns one `FailoverRuntime` and calls its hooks; everything the engine does
-beyond plain DeepSpeed lives here or below (snapshot/, replication/, failover/).
+It owns this rank's snapshotter (capture after each optimizer step, async pack, fence), its
+replicas (the live replication service and those of earlier generations), the persister, the
+generation it is in, and restore. `FailoverEngine` calls its hooks; the recovery controller calls
+only the public methods below (own/held steps, leases, fence, restore, rebind).
 """
 from __future__ import annotations
 
@@ -9,21 +11,29 @@ import logging
 import os
 import socket
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 
 from . import ops
-from .ds import adapter as ds_adapter
 from .config import FastFailoverConfig
-from .errors import ConfigError
-from .ds import state as snap_state
+from .ds import adapter
+from .ds import state as ds_state
+from .ds.data import ResumableDataLoader
+from .errors import ConfigError, SnapshotError
+from .replication.holdings import Holdings
+from .snapshot.codec import decode_tree
+from .snapshot.format import read_snapshot
 from .snapshot.interval import make_interval_policy
-from .snapshot.persist import Persister
+from .snapshot.persist import Persister, read_file, resolve, step_dir
+from .snapshot.pool import SnapshotRef
 from .snapshot.snapshotter import Snapshotter
 
 logger = logging.getLogger("fftrainer_ds")
+SnapshotLike = Union[str, os.PathLike, SnapshotRef, torch.Tensor, bytes, bytearray]
+_CLOSE_OLD_SERVICE_S = 0.5  # a regroup must not wait long for peers of a dead generation
 
 
 def node_map(world_size: int, known: Optional[Sequence[Any]] = None) -> List[int]:
@@ -44,41 +54,53 @@ def node_map(world_size: int, known: Optional[Sequence[Any]] = None) -> List[int
 
 def estimate_snapshot_bytes(engine) -> int:
     """fp32 master + two Adam moments per element, plus room for metadata (before the first step)."""
-    elems = sum(int(torch.Size(s).numel()) for s in ds_adapter.shard_layout(engine))
+    elems = sum(int(torch.Size(s).numel()) for s in adapter.shard_layout(engine))
     return 12 * elems + (1 << 20)
 
 
-class FailoverRuntime:
-    """Snapshotter + replication service + persister of one rank, for one process-group generation."""
+@dataclass(frozen=True)
+class GenerationView:
+    """The process-group generation a runtime works in: its number (in every snapshot and replica
+    header) and, under fftrainer-launch, the node of each rank from the generation record (without it
+    the node map is all-gathered)."""
 
-    def __init__(self, engine, cfg: FastFailoverConfig, store=None, generation: int = 0,
-                 snapshotter: Optional[Snapshotter] = None, nodes: Optional[Sequence[Any]] = None):
-        stage = ds_adapter.zero_stage(engine)
+    generation: int = 0
+    nodes: Optional[Sequence[Any]] = None
+
+
+class RankRuntime:
+    """Snapshots, replicas, persistence and restore of one rank (see the module docstring)."""
+
+    def __init__(self, engine, cfg: FastFailoverConfig, view: GenerationView = GenerationView()):
+        stage = adapter.zero_stage(engine)
         if stage not in (1, 2, 3):
             raise ConfigError(f"fast_failover needs zero_optimization.stage 1, 2 or 3 (got {stage})")
-        self.cfg, self.store, self.generation = cfg, store, generation
+        self.cfg, self.generation = cfg, view.generation
         self.rank, self.world_size = engine.global_rank, engine.world_size
-        if snapshotter is None:
-            backend = ops.get_backend(cfg.snapshot_backend, cfg.pack_threads)
-            snapshotter = Snapshotter(self.rank, self.world_size, stage, ds_adapter.dtype_config(engine), backend,
-                                      pin=cfg.pin_memory, max_buffers=cfg.max_snapshot_buffers)
-            logger.info("fftrainer_ds: rank %d fast failover on (ZeRO-%d, %s, pack backend %s, interval %s)",
-                        self.rank, stage, ds_adapter.dtype_config(engine), backend.name, cfg.snapshot_interval_steps)
-        self.snapshotter = snapshotter
-        self.snapshotter.generation = generation
+        backend = ops.get_backend(cfg.snapshot_backend, cfg.pack_threads)
+        self.snapshotter = Snapshotter(self.rank, self.world_size, stage, adapter.dtype_config(engine), backend,
+                                       pin=cfg.pin_memory, max_buffers=cfg.max_snapshot_buffers)
+        logger.info("fftrainer_ds: rank %d fast failover on (ZeRO-%d, %s, pack backend %s, interval %s)",
+                    self.rank, stage, adapter.dtype_config(engine), backend.name, cfg.snapshot_interval_steps)
+        self.snapshotter.generation = view.generation
         self.persister = Persister()
-        self.replication = None
-        # Closed services of earlier generations with the last step still valid in each: their
-        # replicas feed a recovery (a rollback to R makes their versions after R stale).
-        self.old_replication: List[list] = []
+        self.holdings = Holdings()
+        # The user's iterator lives in this loader; a rebuilt engine gets the same object back.
+        self.loader = engine.training_dataloader
+        self._fingerprint = ds_state.fingerprint(engine)
         self.snapshotter.add_listener(self._offer)
         self.snapshotter.add_listener(self._maybe_persist)
         self._last_persisted = -1
-        self._start_replication(engine, nodes)
+        self._start_replication(engine, view.nodes)
         self.interval = make_interval_policy(cfg.snapshot_interval_steps, cfg.snapshot_overhead_budget_pct)
         self._in_flight = False
         self.paused = False
         self._last_step_end: Optional[float] = None
+
+    @property
+    def replication(self):
+        """The live replication service of this generation (None with replication_factor 0)."""
+        return self.holdings.live
 
     def _start_replication(self, engine, nodes: Optional[Sequence[Any]] = None) -> None:
         """Collective (the replication group, and the node map unless `nodes` gives each rank's node):
@@ -91,10 +113,8 @@ class FailoverRuntime:
         if self.world_size <= cfg.replication_factor:
             raise ConfigError(f"fast_failover.replication_factor={cfg.replication_factor} needs more than "
                               f"{cfg.replication_factor} ranks (world size is {self.world_size})")
-        self.node_of = node_map(self.world_size, nodes)
-        self.replication = ReplicationService(cfg, self.rank, self.world_size, self.node_of,
-                                              estimate_snapshot_bytes(engine), store=self.store,
-                                              generation=self.generation)
+        self.holdings.live = ReplicationService(cfg, self.rank, self.world_size, node_map(self.world_size, nodes),
+                                                estimate_snapshot_bytes(engine), generation=self.generation)
 
     def _offer(self, ref) -> None:
         repl = self.replication
@@ -110,57 +130,9 @@ class FailoverRuntime:
         due = cfg.persist_dir and cfg.persist_interval_steps and ref.step % cfg.persist_interval_steps == 0
         if due and ref.step > self._last_persisted:  # not a restored (adopted) or replayed older step
             self._last_persisted = ref.step
-            self.persister.persist(ref, os.path.join(cfg.persist_dir, f"step{ref.step:08d}"))
+            self.persister.persist(ref, step_dir(cfg.persist_dir, ref.step))
         else:
             ref.release()
-
-    def rebind(self, engine, generation: int, store=None, nodes: Optional[Sequence[Any]] = None) -> None:
-        """After a regroup and engine rebuild: new generation, new replication service (collective).
-
-        The old service is closed but kept: its committed replicas are what a recovery reads.
-        """
-        self.snapshotter.fence()
-        old, self.replication = self.replication, None
-        if old is not None:
-            old.close(timeout_s=0.5)
-            self.old_replication = (self.old_replication + [[old, float("inf")]])[-4:]
-        self.generation = generation
-        self.snapshotter.generation = generation
-        self.store = store if store is not None else self.store
-        self.rank, self.world_size = engine.global_rank, engine.world_size
-        self._last_step_end = None
-        self._start_replication(engine, nodes)
-
-    def _services(self):
-        """(service, last valid step) pairs, newest first."""
-        live = [(self.replication, float("inf"))] if self.replication is not None else []
-        return live + [(svc, valid) for svc, valid in reversed(self.old_replication)]
-
-    def held_replica_steps(self) -> Dict[int, List[int]]:
-        """source rank -> steps of the committed replicas held here (this and earlier generations)."""
-        out: Dict[int, set] = {}
-        for svc, valid in self._services():
-            for src, versions in svc.local_inventory().items():
-                out.setdefault(src, set()).update(step for _, step in versions if step <= valid)
-        return {src: sorted(steps) for src, steps in out.items()}
-
-    def lease_replica(self, src: int, step: int):
-        """A lease on the held replica of `src` at `step`, or None."""
-        for svc, valid in self._services():
-            if step > valid:
-                continue
-            ref = svc.replica(src)
-            if ref is not None and ref.step == step:
-                return ref
-            if ref is not None:
-                ref.release()
-        return None
-
-    def rolled_back(self, step: int) -> None:
-        """After a restore of `step`: later versions anywhere are a future that will not happen."""
-        for entry in self.old_replication:
-            entry[1] = min(entry[1], step)
-        self.snapshotter.pool.drop_newer_than(step)
 
     # ---- hooks (called by the engine) -----------------------------------------------------------
     def before_optimizer_step(self) -> None:
@@ -179,15 +151,102 @@ class FailoverRuntime:
         step = engine.global_steps
         self._in_flight = not self.paused and self.interval.should_snapshot(step)
         if self._in_flight:
-            self.snapshotter.begin(step, snap_state.capture(engine, engine._ff_data_position(), snap_state.fingerprint(engine)))
+            self.snapshotter.begin(step, ds_state.capture(engine, self._data_position(), self._fingerprint))
         if self.replication is not None:
             self.replication.set_window(True)
             if step_time is not None:
                 self.replication.on_step(step, step_time)
         if engine.steps_per_print() and step % engine.steps_per_print() == 0:
-            self.report(engine, step)
+            adapter.report_metrics(engine, self.rank, step, self.metrics())
 
-    # ---- metrics ----------------------------------------------------------------------------------
+    def _data_position(self) -> Any:
+        return self.loader.state_dict() if isinstance(self.loader, ResumableDataLoader) else None
+
+    # ---- what this rank holds (recovery reads these) ---------------------------------------------
+    def fence(self) -> None:
+        """Wait for the pack in flight (it is local: let it finish and commit)."""
+        self.snapshotter.fence()
+
+    def latest(self) -> Optional[SnapshotRef]:
+        """Lease the last committed own snapshot (after the pack in flight), or None."""
+        return self.snapshotter.latest()
+
+    def own_steps(self) -> List[int]:
+        """Steps of the own snapshots still held in host memory."""
+        return self.snapshotter.pool.steps()
+
+    def lease_own(self, step: int) -> Optional[SnapshotRef]:
+        return self.snapshotter.pool.acquire_step(step)
+
+    def held_replica_steps(self) -> Dict[int, List[int]]:
+        """source rank -> steps of the committed replicas held here (this and earlier generations)."""
+        return self.holdings.steps()
+
+    def lease_replica(self, src: int, step: int):
+        """A lease on the held replica of `src` at `step`, or None."""
+        return self.holdings.lease(src, step)
+
+    # ---- persistence and restore -----------------------------------------------------------------
+    def persist(self, path: str) -> str:
+        """Write the latest committed own snapshot under directory `path` in the background."""
+        ref = self.latest()
+        if ref is None:
+            raise SnapshotError(f"persist({path!r}): no snapshot committed yet (take an optimizer step first)")
+        return self.persister.persist(ref, path)
+
+    def restore(self, engine, snapshot: SnapshotLike) -> int:
+        """Verify, check against this engine and apply a snapshot; returns its step. Collective.
+
+        Afterwards the restored step is this rank's committed own snapshot (a replacement re-replicates
+        it at once) and every later version anywhere is dropped (a future that will not happen)."""
+        self.fence()
+        source, data = self._open(engine, snapshot)
+        parsed = read_snapshot(data, source, backend=self.cfg.snapshot_backend)
+        ds_state.check_compatible(engine, parsed, self._fingerprint, source)
+        position = ds_state.apply(engine, decode_tree(parsed))
+        if position is not None and isinstance(self.loader, ResumableDataLoader):
+            self.loader.load_state_dict(position)
+        self.holdings.rolled_back(parsed.step)
+        self.snapshotter.pool.drop_newer_than(parsed.step)
+        if self.snapshotter.pool.committed_step != parsed.step:  # restored from elsewhere: hold it as our own
+            self.snapshotter.adopt(parsed.buffer, parsed.step)
+        self._last_step_end = None  # the next step's time includes the restore: not a sample
+        logger.info("fftrainer_ds: rank %d restored step %d from %s", self.rank, parsed.step, source)
+        return parsed.step
+
+    def restore_from_disk(self, engine, step: int) -> int:
+        return self.restore(engine, step_dir(self.cfg.persist_dir, step))
+
+    @staticmethod
+    def _open(engine, snapshot: SnapshotLike):
+        if isinstance(snapshot, (str, os.PathLike)):
+            path = resolve(os.fspath(snapshot), engine.global_rank)
+            return path, read_file(path)
+        if isinstance(snapshot, SnapshotRef):
+            return f"snapshot of rank {snapshot.rank} step {snapshot.step}", snapshot.buffer
+        if isinstance(snapshot, (torch.Tensor, bytes, bytearray)):
+            return "<in-memory snapshot>", snapshot
+        raise SnapshotError(f"restore: cannot read a snapshot from a {type(snapshot).__name__}")
+
+    # ---- generations -----------------------------------------------------------------------------
+    def set_generation(self, generation: int) -> None:
+        """Versions packed from now on carry `generation` (a replacement joining generation g)."""
+        self.generation = self.snapshotter.generation = generation
+
+    def rebind(self, engine, view: GenerationView) -> None:
+        """After a regroup and engine rebuild: new generation, new replication service (collective).
+
+        The old service is closed but kept in the holdings: its committed replicas are what a recovery reads.
+        """
+        self.fence()
+        self.holdings.retire_live(_CLOSE_OLD_SERVICE_S)
+        self.set_generation(view.generation)
+        self.rank, self.world_size = engine.global_rank, engine.world_size
+        self._last_step_end = None
+        engine.training_dataloader = self.loader  # the rebuilt engine was given no training data
+        self._start_replication(engine, view.nodes)
+
+    # ---- metrics and shutdown ------------------------------------------------------------------------
     def metrics(self) -> Dict[str, Any]:
         s = self.snapshotter
         out: Dict[str, Any] = {"snapshot_bytes": s.last_bytes, "pack_ms": 1e3 * s.last_pack_s,
@@ -198,20 +257,14 @@ class FailoverRuntime:
             out.update({f"replication_{k}": v for k, v in st.items() if isinstance(v, (int, float))})
         return out
 
-    def report(self, engine, step: int) -> None:
-        m = self.metrics()
-        from deepspeed.utils import logger as ds_logger
-
-        ds_logger.info("fftrainer_ds rank %d step %d: %s", self.rank, step,
-                       ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
-        monitor = getattr(engine, "monitor", None)
-        if monitor is not None and monitor.enabled and self.rank == 0:
-            monitor.write_events([(f"fftrainer/{k}", float(v), engine.global_samples) for k, v in m.items()])
+    def stats(self) -> Dict[str, Any]:
+        """Size and timing of the last snapshot, replication counters, pack backend."""
+        s = self.snapshotter
+        return dict(self.metrics(), bytes=s.last_bytes, pack_s=s.last_pack_s, backend=s.packer.backend.name)
 
     def close(self) -> None:
         try:
-            self.snapshotter.fence()
+            self.snapshotter.close()
         finally:
-            for svc, _ in self._services():
-                svc.close()
+            self.holdings.close()
             self.persister.wait()

@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 
 from fftrainer_ds.config import FastFailoverConfig
-from fftrainer_ds.replication import ReplicationService, read_inventory
+from fftrainer_ds.errors import RecoverableError
+from fftrainer_ds.replication import ReplicationService
 from fftrainer_ds.testing import faults, worker_init_process_group
 
 WAIT_S = 30.0  # generous bound for "eventually"; never an assertion about speed
@@ -70,7 +71,7 @@ def replicate_steps(k, steps, base_bytes, node_of, gating, chunk_mb=1.0):
     """Each rank offers `steps` versions; after each step every holder checks its replicas."""
     rank, world, store, cfg = _setup(k, chunk_mb=chunk_mb, adaptive_throttle=False)
     nbytes = size_of(rank, base_bytes)
-    svc = ReplicationService(cfg, rank, world, node_of, nbytes, store=store, peer_timeout_s=15)
+    svc = ReplicationService(cfg, rank, world, node_of, nbytes, peer_timeout_s=15)
     refs, own, held, waited = [], {}, [], 0
     for step in range(1, steps + 1):
         buf = content(rank, step, nbytes)
@@ -103,12 +104,11 @@ def replicate_steps(k, steps, base_bytes, node_of, gating, chunk_mb=1.0):
         held.append(_held_record(svc, src, steps))
     inventory = svc.replica_inventory()
     dist.barrier()
-    stored = read_inventory(store, 0, world)
     stats = svc.stats()
     svc.close()
     dist.barrier()
     dist.destroy_process_group()
-    return {"own": own, "held": held, "inventory": inventory, "stored": stored, "stats": stats,
+    return {"own": own, "held": held, "inventory": inventory, "stats": stats,
             "released": [r.released for r in refs], "waited": waited, "mid_inventory": mid_inventory}
 
 
@@ -116,7 +116,7 @@ def corrupt_run(steps, corrupt_step, base_bytes):
     """2 ranks, k=1: rank 0 corrupts chunk 1 of `corrupt_step` on its way to rank 1."""
     rank, world, store, cfg = _setup(1, chunk_mb=0.25, adaptive_throttle=False)
     nbytes = size_of(rank, base_bytes)
-    svc = ReplicationService(cfg, rank, world, [0] * world, nbytes, store=store, peer_timeout_s=15)
+    svc = ReplicationService(cfg, rank, world, [0] * world, nbytes, peer_timeout_s=15)
     fi = faults.install(svc)
     if rank == 0:
         fi.corrupt_chunk(dst=1, step=corrupt_step, chunk_index=1)
@@ -145,7 +145,7 @@ def faulty_receiver_run(fault, steps, fault_step, base_bytes):
     """3 ranks, k=1 (0->1->2->0): rank 2's receiver of source 1 stalls or dies at `fault_step`."""
     rank, world, store, cfg = _setup(1, chunk_mb=0.25, adaptive_throttle=False)
     nbytes = size_of(rank, base_bytes)
-    svc = ReplicationService(cfg, rank, world, [0] * world, nbytes, store=store, peer_timeout_s=3.0,
+    svc = ReplicationService(cfg, rank, world, [0] * world, nbytes, peer_timeout_s=3.0,
                              close_timeout_s=1.5)
     fi = faults.install(svc)
     own, held, offer_s, refs = {}, [], [], []
@@ -188,7 +188,7 @@ def dead_peer_run(steps, die_after, base_bytes):
     """3 ranks, k=1: rank 2 exits hard after `die_after`; ranks 0 and 1 go on without it."""
     rank, world, store, cfg = _setup(1, collective_timeout_s=5.0, chunk_mb=0.25, adaptive_throttle=False)
     nbytes = size_of(rank, base_bytes)
-    svc = ReplicationService(cfg, rank, world, [0] * world, nbytes, store=store, peer_timeout_s=3)
+    svc = ReplicationService(cfg, rank, world, [0] * world, nbytes, peer_timeout_s=3)
     own, held, refs = {}, [], []
     (src,) = svc.sources
     for step in range(1, steps + 1):
@@ -213,10 +213,15 @@ def dead_peer_run(steps, die_after, base_bytes):
     else:
         assert _wait(lambda: _committed_step(svc, src) >= steps)
         held.append(_held_record(svc, src, steps))
-    inventory = svc.replica_inventory()  # rank 2 is dead: falls back to the store
+    try:
+        svc.replica_inventory()  # rank 2 is dead: the collective fails, with a RecoverableError
+        gather_error = None
+    except RecoverableError as exc:
+        gather_error = str(exc)
+    inventory = svc.local_inventory()
     stats = svc.stats()
     svc.close(timeout_s=3.0)
-    return {"own": own, "held": held, "stats": stats, "inventory": inventory,
+    return {"own": own, "held": held, "stats": stats, "inventory": inventory, "gather_error": gather_error,
             "released": [r.released for r in refs]}
 
 

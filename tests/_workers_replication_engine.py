@@ -20,7 +20,7 @@ def replicate_and_report(stage, k, steps=8):
         loss = engine(next(it))
         engine.backward(loss)
         engine.step()
-        ff_rt = engine._ff
+        ff_rt = engine.ff_runtime
         lag_sent = ff_rt.replication.stats()["lag_steps"]  # sender side, right after the step
         ref = engine.latest_snapshot()
         own = (ref.step, _h(ref.buffer))
@@ -41,7 +41,7 @@ def replicate_and_report(stage, k, steps=8):
         rows.append({"step": engine.global_steps, "own": own, "held": held, "lag_sent": lag_sent})
         # Also keep every own version's hash (a replica may land one step later).
     inventory = engine.replica_inventory()
-    stats = engine._ff.replication.stats()
+    stats = engine.ff_runtime.replication.stats()
     engine.destroy()
     dist.destroy_process_group()
     return {"rows": rows, "inventory": inventory, "stats": stats}

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fftrainer_ds import ops
+from fftrainer_ds.ops import native, reference
 
 # A child interpreter where the native module cannot be imported (as on a machine that never built it).
 _NO_NATIVE = "import sys; sys.modules['fftrainer_ds._C'] = None\n"
@@ -49,3 +50,18 @@ def test_native_and_reference_agree_on_a_real_layout():
     a, b = torch.zeros(4160, dtype=torch.uint8), torch.zeros(4160, dtype=torch.uint8)
     assert ops.get_backend("native").pack(a, srcs, offs) == ops.get_backend("reference").pack(b, srcs, offs)
     assert torch.equal(a, b)
+
+
+def test_native_module_imports_before_torch():
+    """A fresh interpreter whose first import is the native module: the build must find and load torch itself."""
+    try:
+        native.load()
+    except ImportError as exc:
+        pytest.skip(f"fftrainer_ds._C not built: {exc}")
+    data = torch.arange(37, dtype=torch.uint8)
+    code = ("import fftrainer_ds._C as C\n"
+            "import torch\n"
+            "print('SUM', C.checksum(torch.arange(37, dtype=torch.uint8)))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"SUM {reference.checksum(data)}" in r.stdout

@@ -17,7 +17,9 @@ import time
 
 import pytest
 
+from fftrainer_ds import launch
 from fftrainer_ds.failover import membership
+from fftrainer_ds.failover import protocol as P
 from fftrainer_ds.testing.chaos import pid_alive as alive
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -302,3 +304,42 @@ def test_not_under_supervisor_outside_the_launcher(monkeypatch):
     assert not membership.under_supervisor()
     with pytest.raises(RuntimeError, match="fftrainer-launch"):
         membership.Agent.from_env()
+
+
+@pytest.mark.parametrize("flags,text", [
+    (["--heartbeat-interval-s", "3", "--heartbeat-timeout-s", "3"],
+     "--heartbeat-interval-s (3.0) must be smaller than --heartbeat-timeout-s (3.0)"),
+    (["--heartbeat-interval-s", "0"], "--heartbeat-interval-s must be > 0 (got 0.0)"),
+    (["--collective-timeout-s", "nan"], "--collective-timeout-s must be > 0 (got nan)"),
+    (["--nnodes", "2", "--node-rank", "1", "--master-port", "0"], "--master-port is required"),
+])
+def test_bad_flags_are_refused_by_name(flags, text, capsys):
+    with pytest.raises(SystemExit) as info:
+        launch.parse_args([*flags, "train.py"])
+    assert info.value.code == 2 and text in capsys.readouterr().err
+
+
+def test_launcher_imports_neither_deepspeed_nor_torch_distributed():
+    code = ("import sys, fftrainer_ds.launch; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('deepspeed', 'torch')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=ROOT)).stdout
+    assert out.strip() == "[]", out
+
+
+def test_records_keep_their_wire_strings():
+    rs = P.RankSlot("n0.x0", 0, "h", None, P.SlotKind.RESTART, 1)
+    info = P.GenerationInfo(2, 2, {1: rs}, [1], ["n0.w1"], {1: "killed"}, 1.0, 0.5, P.GenReason.FAILURE, 1)
+    wire = json.loads(info.to_json())
+    assert wire["reason"] == "failure" and wire["ranks"]["1"]["kind"] == "restart"
+    back = P.GenerationInfo.from_json(info.to_json().encode())
+    assert back == info and back.reason is P.GenReason.FAILURE and back.ranks[1].kind is P.SlotKind.RESTART
+    ev = P.NodeEvent(P.EventKind.EXIT, "n0.w0", 0, "h", 7, 1.0, 0, "finished")
+    assert json.loads(ev.to_json())["kind"] == "exit" and P.NodeEvent.from_json(ev.to_json()) == ev
+    assert P.encode_state(P.JobState.FAILED, "a: b") == "failed: a: b"
+    assert P.decode_state(b"failed: a: b") == (P.JobState.FAILED, "a: b")
+    with pytest.raises(ValueError):
+        P.NodeEvent.from_dict(dict(json.loads(ev.to_json()), kind="vanished"))
+    with pytest.raises(ValueError):
+        P.decode_state(b"paused")
+    assert P.node_event_key(1, 4) == "ff/node/1/ev/4" and P.restart_slot(0, 2) == "n0.x2"

@@ -1,4 +1,5 @@
-"""plan_recovery: the latest step every shard has, own memory first, disk as the last resort."""
+"""plan_recovery: the latest step every shard has, own memory first, disk as the last resort; for a
+shard that comes from a replica, every live holder of that step in order."""
 import pytest
 
 from fftrainer_ds.errors import TerminalError
@@ -13,6 +14,7 @@ def test_replacement_gets_its_shard_from_the_holder_at_the_common_step():
     plan = plan_recovery(infos, 4)
     assert plan.step == 10
     assert plan.source == {0: ("own", 0), 1: ("replica", 2), 2: ("own", 2), 3: ("own", 3)}
+    assert plan.holders == {1: [2]}
 
 
 def test_lagging_replica_rolls_everyone_back_one_step():
@@ -27,12 +29,25 @@ def test_two_failures_with_k2_use_the_surviving_holder():
              RankInfo(3, False, [4, 5], {1: [5], 2: [5]})]
     plan = plan_recovery(infos, 4)
     assert plan.step == 5 and plan.source[1] == ("replica", 3) and plan.source[2] == ("replica", 0)
+    assert plan.holders == {1: [3], 2: [0, 3]}
+
+
+def test_holders_are_every_live_holder_of_the_step_lowest_first():
+    # k=3: rank 1's replica is on 0, 2 and 3, but 2's copy lags a step; rank 4 holds nothing of it.
+    infos = [RankInfo(0, False, [6, 7], {1: [6, 7]}), RankInfo(1, True, [], {}),
+             RankInfo(2, False, [6, 7], {1: [6]}), RankInfo(3, False, [6, 7], {1: [7], 4: [7]}),
+             RankInfo(4, False, [6, 7], {})]
+    plan = plan_recovery(infos, 5)
+    assert plan.step == 7 and plan.source[1] == ("replica", 0)
+    assert plan.holders == {1: [0, 3]}  # the first is the source; no list for ranks with their own copy
+    # The same infos in another order give the same plan: every rank computes it alone.
+    assert plan_recovery(list(reversed(infos)), 5) == plan
 
 
 def test_lost_replica_set_falls_back_to_disk():
     infos = [RankInfo(0, False, [9, 10], {}, disk_steps=[5]), RankInfo(1, True, [], {}, disk_steps=[5])]
     plan = plan_recovery(infos, 2)
-    assert plan.step == 5 and plan.from_disk
+    assert plan.step == 5 and plan.from_disk and plan.holders == {}
 
 
 def test_nothing_left_is_terminal_and_says_why():

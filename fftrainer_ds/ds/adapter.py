@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional
 
 import deepspeed
 import torch
+from deepspeed.runtime.engine import DeepSpeedEngine  # noqa: F401  (the base class of FailoverEngine)
 
 logger = logging.getLogger("fftrainer_ds")
 SUPPORTED_VERSIONS = ("0.19.",)
@@ -172,8 +173,8 @@ def dismantle_engine(engine) -> None:
     Objects the user may still hold (the last loss and its autograd graph reach the parameters)
     must not keep the old process group alive: its sockets close only with its last reference.
     """
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
+    if "optimizer" not in engine.__dict__:  # released already, or never built
+        return
     module = engine.__dict__.get("_modules", {}).get("module")
     try:
         DeepSpeedEngine.destroy(engine)  # removes the optimizer's gradient hooks
@@ -200,7 +201,6 @@ def reset_zero3_counters() -> None:
 def reinit_engine(engine, init_kwargs: Dict[str, Any]) -> None:
     """Run DeepSpeedEngine.__init__ again on the same object (new groups, fresh module in kwargs)."""
     from deepspeed import zero
-    from deepspeed.runtime.engine import DeepSpeedEngine
 
     reset_zero3_counters()
     zero.partition_parameters.shutdown_init_context()
@@ -227,3 +227,45 @@ def skip_shm_comm_build() -> None:
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def report_metrics(engine, rank: int, step: int, metrics: Dict[str, Any]) -> None:
+    """Metrics to DeepSpeed's logger, and to its monitor (rank 0) when one is enabled."""
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.info("fftrainer_ds rank %d step %d: %s", rank, step,
+                   ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    monitor = getattr(engine, "monitor", None)
+    if monitor is not None and monitor.enabled and rank == 0:
+        monitor.write_events([(f"fftrainer/{k}", float(v), engine.global_samples) for k, v in metrics.items()])
+
+
+def pipeline_module_class():
+    from deepspeed.pipe import PipelineModule
+
+    return PipelineModule
+
+
+def default_port() -> int:
+    from deepspeed.constants import TORCH_DISTRIBUTED_DEFAULT_PORT
+
+    return TORCH_DISTRIBUTED_DEFAULT_PORT
+
+
+def plain_initialize(**kwargs):
+    """`deepspeed.initialize` itself (pipeline models, which fast failover does not handle)."""
+    return deepspeed.initialize(**kwargs)
+
+
+def full_state_tensors(engine, param) -> List[Optional[torch.Tensor]]:
+    """Full (unpartitioned) low-precision weight, fp32 master and Adam moments of one parameter.
+    Collective under ZeRO-3 (the weight is gathered): every rank calls it in the same order."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    if zero_stage(engine) == 3:
+        with deepspeed.zero.GatheredParameters([param]):
+            weight = param.data.clone()
+    else:
+        weight = param.data
+    return [weight, safe_get_full_fp32_param(param), safe_get_full_optimizer_state(param, "exp_avg"),
+            safe_get_full_optimizer_state(param, "exp_avg_sq")]

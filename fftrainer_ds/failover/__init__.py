@@ -1,5 +1,6 @@
-"""Failure detection and membership: the supervisor side (`detector`) and the worker side (`membership`)
-of fftrainer-launch, talking through the coordination store whose keys `protocol` lists.
+"""Failure detection and membership of fftrainer-launch: the launcher side (`supervisor`: one per node,
+spawns and watches its children; `coordinator`: node 0, turns failures into generations) and the
+worker side (`membership`), talking through the coordination store whose keys `protocol` lists.
 
 `membership` (which imports torch.distributed) is loaded on first use of the names below."""
 from typing import Any

@@ -14,11 +14,13 @@ its engine normally, then runs the same `exchange_and_restore()` and returns to 
 from __future__ import annotations
 
 import atexit
+import enum
 import gc
 import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -26,11 +28,14 @@ import torch.distributed as dist
 
 from ..ds import adapter as ds_adapter
 from ..errors import RecoverableError, TerminalError
+from ..runtime import GenerationView
+from ..snapshot.persist import persisted_steps
 from . import membership
 from . import sockets
-from .rebuild import RebuildSpec, rebuild_in_place, release_engine
-from .recovery import Plan, RankInfo, gather_infos, plan_recovery, transfer
+from .rebuild import RebuildSpec
+from .recovery import Plan, RankInfo, Source, gather_infos, plan_recovery, transfer
 from .template import materialize
+from .timeline import Phase, RecoveryTimeline
 
 logger = logging.getLogger("fftrainer_ds")
 _MAX_ATTEMPTS = 20
@@ -38,12 +43,49 @@ _MAX_ATTEMPTS = 20
 _COMM_MARKERS = ("connection reset", "connection closed", "broken pipe", "timed out", "timeout", "gloo",
                  "nccl", "socket", "peer", "unreachable")
 
-_context = threading.local()  # the agent/generation an engine under construction belongs to
+_context = threading.local()  # the BuildContext of an engine under construction in this thread
 
 
-def build_context() -> Optional[Dict[str, Any]]:
-    """Set by failover_initialize while it builds an engine (read by FailoverEngine.__init__)."""
-    return getattr(_context, "value", None)
+class Hook(enum.Enum):
+    """The engine call a guard wraps: forward starts a user iteration, step ends it."""
+
+    FORWARD = "forward"
+    BACKWARD = "backward"
+    STEP = "step"
+
+
+@dataclass
+class BuildContext:
+    """What `failover_initialize` hands to the FailoverEngine it is building (through `_context`)."""
+
+    agent: membership.Agent
+    generation: int
+    controller: "RecoveryController"
+    sockets_before: Dict[int, int]  # sockets open before this generation's groups: not ours to shut down
+    spec: RebuildSpec
+
+    def view(self) -> GenerationView:
+        return GenerationView(self.generation, self.agent.nodes())
+
+    def engine_built(self) -> "RecoveryController":
+        """Called by FailoverEngine.__init__ after DeepSpeed's: the training groups exist now."""
+        self.controller.spec = self.spec
+        self.controller.generation_sockets = sockets.opened_since(self.sockets_before)
+        return self.controller
+
+
+def engine_context(enabled: bool, init_kwargs: Dict[str, Any]) -> Optional[BuildContext]:
+    """For FailoverEngine.__init__, before DeepSpeed wraps the model: the build context under
+    fftrainer-launch (None otherwise). Either way, refuse what a rebuild could not be given again."""
+    ctx: Optional[BuildContext] = getattr(_context, "value", None) if enabled else None
+    if ctx is None:
+        if enabled:
+            RebuildSpec.validate(init_kwargs)
+        return None
+    if ctx.spec.model_id != id(init_kwargs["model"]):  # a retry builds from the template's module
+        ctx.spec = RebuildSpec(init_kwargs)
+    ctx.spec.prepare()  # only a job under fftrainer-launch ever rebuilds
+    return ctx
 
 
 def is_comm_failure(exc: BaseException) -> bool:
@@ -62,15 +104,16 @@ def _recoverable(exc: BaseException) -> RecoverableError:
     return RecoverableError(f"{type(exc).__name__}: {str(exc)[:300]}")
 
 
-class FailoverController:
-    """Per-process failover state: the membership agent, the recovery log, this generation's sockets."""
+class RecoveryController:
+    """Per-process failover: the membership agent, the rebuild spec, the recovery log, this generation's sockets."""
 
     def __init__(self, agent: membership.Agent):
         self.agent = agent
         atexit.register(agent.finish)  # a script that never calls engine.destroy() still exits cleanly
-        self.recoveries: List[Dict[str, Any]] = []
+        self.recoveries: List[RecoveryTimeline] = []
+        self.spec: Optional[RebuildSpec] = None
         self.abandoned = False  # the rest of the user iteration interrupted by a recovery is skipped
-        self._pending_timeline: Optional[Dict[str, Any]] = None
+        self._pending: Optional[RecoveryTimeline] = None  # finished by the first step after a recovery
         self.generation_sockets: Dict[int, int] = {}  # TCP sockets opened by the current generation
 
     def abandon_generation(self) -> None:
@@ -80,137 +123,132 @@ class FailoverController:
         logger.info("fftrainer_ds: shut down %d sockets of the abandoned generation", n)
 
     # ---- engine hooks -----------------------------------------------------------------------
-    def guard(self, engine, kind: str, fn: Callable[[], Any]) -> Any:
-        if kind == "forward":
+    def guard(self, engine, hook: Hook, fn: Callable[[], Any]) -> Any:
+        if hook is Hook.FORWARD:
             self.abandoned = False  # forward starts a new user iteration
         elif self.abandoned:
-            if kind == "step":
+            if hook is Hook.STEP:
                 self.abandoned = False
             return None
-        failure = None
         try:
             self.agent.check()
             out = fn()
-            if kind == "step" and self._pending_timeline is not None and engine.is_gradient_accumulation_boundary():
-                self._finish_timeline(engine)
-            return out
         except BaseException as exc:
             if not is_comm_failure(exc):
                 raise
             failure = _recoverable(exc)
-        if failure is not None:
-            # Recover outside the except block: the traceback's DeepSpeed frames hold the old groups.
-            self.recover(engine, failure)
-            if kind == "forward":
-                self.abandoned = True
-                return torch.zeros((), requires_grad=True)
-            if kind == "backward":
-                self.abandoned = True
+        else:
+            if hook is Hook.STEP and self._pending is not None and engine.is_gradient_accumulation_boundary():
+                self._finish_timeline(engine)
+            return out
+        # Recover outside the except block: the traceback's DeepSpeed frames hold the old groups.
+        self.recover(engine, failure)
+        if hook is Hook.STEP:
             return None
+        self.abandoned = True
+        return torch.zeros((), requires_grad=True) if hook is Hook.FORWARD else None
 
     def after_step(self, engine) -> None:
         self.agent.report_progress(engine.global_steps)
 
     # ---- survivor ---------------------------------------------------------------------------
     def recover(self, engine, exc: BaseException) -> None:
-        t_fail = time.time()
+        tl = RecoveryTimeline(replacement=False, step_at_failure=engine.global_steps)
+        tl.mark(Phase.FAILURE_SEEN)
         _pause_gc()
-        at_step, rank = engine.global_steps, engine.global_rank
         logger.warning("fftrainer_ds: rank %d: failure seen at step %d (%s: %s); recovering",
-                       engine.global_rank, at_step, type(exc).__name__, str(exc)[:200])
-        engine._ff.snapshotter.fence()  # our own pack is local: let it finish and commit
+                       engine.global_rank, tl.step_at_failure, type(exc).__name__, str(exc)[:200])
+        engine.ff_runtime.fence()  # our own pack is local: let it finish and commit
         self.agent.report_error(exc)
-        # Drop DeepSpeed's engine and the old groups, and shut the old generation's sockets down: a live
-        # peer still blocked in an old collective wakes now instead of at its collective timeout.
-        self.abandon_generation()
-        release_engine(engine)
-        t_released = time.time()
+        self._leave_generation(engine)
+        tl.mark(Phase.RELEASED)
         g = self.agent.wait_for_generation(after=self.agent.generation)
-        t_gen = time.time()
+        tl.mark(Phase.GENERATION_SEEN)
         for _ in range(_MAX_ATTEMPTS):
             try:
-                t0 = time.time()  # the old groups are already gone (release_engine)
-                before = sockets.socket_fds()
-                self.agent.rebuild_default_group(g)
-                t_group = time.time()
-                rebuild_in_place(engine, engine._ff_spec)
-                # Training groups only: the replication group's receiver threads sit inside gloo, and
-                # a socket shut down under them aborts the process.
-                self.generation_sockets = sockets.opened_since(before)
-                engine._ff.rebind(engine, g, self.agent.store, nodes=self.agent.nodes())
-                t_rebuild = time.time()
-                self.exchange_and_restore(engine, replacement=False,
-                                          timeline={"failure_seen": t_fail, "released": t_released,
-                                                    "generation_seen": t_gen, "regroup_start": t0,
-                                                    "group_ready": t_group, "engine_rebuilt": t_rebuild,
-                                                    "step_at_failure": at_step})
+                self._regroup(engine, g, tl)
+                self.exchange_and_restore(engine, tl)
                 return
             except BaseException as again:  # a second failure during recovery: next generation
                 if not is_comm_failure(again) and not isinstance(again, membership.GenerationChanged):
                     raise
                 problem = None if isinstance(again, membership.GenerationChanged) else _recoverable(again)
             logger.warning("fftrainer_ds: rank %d: failure during recovery (%s); moving past generation %d",
-                           rank, problem or "newer generation", g)
-            self.abandon_generation()
-            release_engine(engine)
+                           engine.global_rank, problem or "newer generation", g)
+            self._leave_generation(engine)
             if problem is not None:
                 self.agent.report_error(problem)
             g = self.agent.wait_for_generation(after=g)
         raise TerminalError(f"recovery did not converge after {_MAX_ATTEMPTS} generations")
 
+    def _leave_generation(self, engine) -> None:
+        """Drop DeepSpeed's engine and the old groups, and shut the old generation's sockets down: a live
+        peer still blocked in an old collective wakes now instead of at its collective timeout."""
+        self.abandon_generation()
+        engine.release_deepspeed()
+
+    def _regroup(self, engine, g: int, tl: RecoveryTimeline) -> None:
+        """Default group of generation g, DeepSpeed rebuilt in place, the runtime rebound (collective)."""
+        tl.mark(Phase.REGROUP_START)  # the old groups are already gone (release_deepspeed)
+        before = sockets.socket_fds()
+        self.agent.rebuild_default_group(g)
+        tl.mark(Phase.GROUP_READY)
+        engine.rebuild_deepspeed(self.spec)
+        # Training groups only: the replication group's receiver threads sit inside gloo, and
+        # a socket shut down under them aborts the process.
+        self.generation_sockets = sockets.opened_since(before)
+        engine.ff_runtime.rebind(engine, GenerationView(g, self.agent.nodes()))
+        tl.mark(Phase.ENGINE_REBUILT)
+
     # ---- both -------------------------------------------------------------------------------
-    def exchange_and_restore(self, engine, replacement: bool, timeline: Dict[str, Any]) -> Plan:
+    def exchange_and_restore(self, engine, tl: RecoveryTimeline) -> Plan:
         """On the new generation: agree on the recovery step, move shards, restore (collective)."""
-        rt = engine._ff
-        info = self.agent.info
-        disk = _disk_steps(engine.ff_config.persist_dir, engine.global_rank)
-        mine = RankInfo(engine.global_rank, replacement, [] if replacement else rt.snapshotter.pool.steps(),
-                        {} if replacement else rt.held_replica_steps(), disk)
+        rt, rank = engine.ff_runtime, engine.global_rank
+        mine = RankInfo(rank, tl.replacement, [] if tl.replacement else rt.own_steps(),
+                        {} if tl.replacement else rt.held_replica_steps(),
+                        persisted_steps(engine.ff_config.persist_dir, rank))
         infos = gather_infos(mine)
         if all(not i.own_steps and not i.held and not i.disk_steps for i in infos):
             plan = Plan(0, {})  # failed before any snapshot: everyone starts over from the beginning
         else:
             plan = plan_recovery(infos, engine.world_size)
-        t_plan = time.time()
-        data = transfer(plan, engine.global_rank, rt.lease_replica) if plan.source else None
-        t_transfer = time.time()
+        tl.mark(Phase.PLANNED)
+        data = transfer(plan, rank, rt.lease_replica) if plan.source else None
+        tl.mark(Phase.TRANSFERRED)
         if plan.source:
-            kind, _ = plan.source[engine.global_rank]
-            if kind == "own":
-                ref = rt.snapshotter.pool.acquire_step(plan.step)
-                try:
-                    engine.restore(ref)
-                finally:
-                    ref.release()
-            elif kind == "disk":
-                engine.restore(os.path.join(engine.ff_config.persist_dir, f"step{plan.step:08d}"))
-            else:
-                engine.restore(data)
-        t_restore = time.time()
-        timeline.update({"generation": self.agent.generation, "recovery_step": plan.step,
-                         "replacement": replacement, "plan": {r: list(v) for r, v in plan.source.items()},
-                         "detected_at": info.detected_at, "recovery_start": info.recovery_start,
-                         "failed_ranks": list(info.failed), "causes": dict(info.causes),
-                         "planned": t_plan, "transferred": t_transfer, "restored": t_restore,
-                         "from_disk": plan.from_disk})
-        self._pending_timeline = timeline
+            self._restore(engine, plan, data)
+        tl.mark(Phase.RESTORED)
+        info = self.agent.info
+        tl.generation, tl.recovery_step, tl.from_disk = self.agent.generation, plan.step, plan.from_disk
+        tl.plan = {r: tuple(v) for r, v in plan.source.items()}
+        tl.detected_at = info.detected_at
+        tl.mark(Phase.RECOVERY_START, info.recovery_start)
+        tl.failed_ranks, tl.causes = list(info.failed), dict(info.causes)
+        self._pending = tl
         return plan
 
+    @staticmethod
+    def _restore(engine, plan: Plan, data) -> None:
+        rt = engine.ff_runtime
+        kind, _ = plan.source[engine.global_rank]
+        if kind is Source.OWN:
+            ref = rt.lease_own(plan.step)
+            try:
+                rt.restore(engine, ref)
+            finally:
+                ref.release()
+        elif kind is Source.DISK:
+            rt.restore_from_disk(engine, plan.step)
+        else:
+            rt.restore(engine, data)
+
     def _finish_timeline(self, engine) -> None:
-        tl, self._pending_timeline = self._pending_timeline, None
-        tl["first_step_done"] = time.time()
+        tl, self._pending = self._pending, None
+        tl.finish()
         _resume_gc()
-        engine._ff_spec.prepare()  # the next rebuild's module copy, now that the recovery is over
-        tl["lost_steps"] = max(0, tl.get("step_at_failure", tl["recovery_step"]) - tl["recovery_step"])
-        base = tl.get("detected_at") or tl.get("recovery_start") or tl.get("failure_seen")
-        phases = ["recovery_start", "failure_seen", "released", "generation_seen", "joined", "group_ready",
-                  "engine_rebuilt", "planned", "transferred", "restored", "first_step_done"]
-        tl["since_detect_s"] = {p: round(tl[p] - base, 4) for p in phases if tl.get(p) and base}
+        self.spec.prepare()  # the next rebuild's module copy, now that the recovery is over
         self.recoveries.append(tl)
-        msg = (f"fftrainer_ds: rank {engine.global_rank} recovered: generation {tl['generation']}, failed ranks "
-               f"{tl['failed_ranks']} ({tl['causes']}), resumed at step {tl['recovery_step']}, lost steps "
-               f"{tl['lost_steps']}{' FROM DISK' if tl['from_disk'] else ''}; timeline since detection (s): "
-               f"{tl['since_detect_s']}")
+        msg = tl.summary(engine.global_rank)
         logger.warning(msg)
         if engine.global_rank == 0:
             print(msg, flush=True)
@@ -237,16 +275,6 @@ def _resume_gc() -> None:
     if _gc_paused:
         _gc_paused = False
         gc.enable()
-
-
-def _disk_steps(persist_dir: Optional[str], rank: int) -> List[int]:
-    if not persist_dir or not os.path.isdir(persist_dir):
-        return []
-    out = []
-    for name in os.listdir(persist_dir):
-        if name.startswith("step") and os.path.exists(os.path.join(persist_dir, name, f"rank{rank:05d}.ffsnap")):
-            out.append(int(name[4:]))
-    return sorted(out)
 
 
 def warm_up_spare(build: Callable[..., Any], init_kwargs: Dict[str, Any], spec: RebuildSpec) -> float:
@@ -288,27 +316,24 @@ def failover_initialize(build: Callable[..., Any], init_kwargs: Dict[str, Any]):
         gc.freeze()
         print(f"fftrainer_ds: hot spare warmed up in {took:.2f} s", flush=True)  # the launcher log shows it
     agent = membership.join()
-    t_joined = time.time()
-    first_info = agent.info
-    replacement = first_info.reason != "start" or os.environ.get(membership.P.ENV_REPLACEMENT) == "1"
-    if replacement:
+    first = agent.info
+    tl = RecoveryTimeline(replacement=first.reason != membership.P.GenReason.START
+                          or os.environ.get(membership.P.ENV_REPLACEMENT) == "1")
+    tl.mark(Phase.JOINED)
+    if tl.replacement:
         _pause_gc()  # resumed after its first step, like a survivor's
     before = sockets.socket_fds()
     g = agent.init_process_group()
-    t_group = time.time()
+    tl.mark(Phase.GROUP_READY)
     kwargs = dict(init_kwargs)
     for _ in range(_MAX_ATTEMPTS):
-        ctl = FailoverController(agent)
-        _context.value = {"agent": agent, "generation": g, "controller": ctl, "sockets_before": before, "spec": spec}
+        ctl = RecoveryController(agent)
+        _context.value = BuildContext(agent, g, ctl, before, spec)
         try:
             engine = build(**kwargs)  # FailoverEngine.__init__ records the training groups' sockets
-            if replacement:
-                engine._ff.snapshotter.generation = g
-                ctl.exchange_and_restore(engine, replacement=True,
-                                         timeline={"failure_seen": first_info.recovery_start,
-                                                   "regroup_start": first_info.recovery_start,
-                                                   "joined": t_joined, "group_ready": t_group,
-                                                   "engine_rebuilt": time.time()})
+            if tl.replacement:
+                tl.mark(Phase.ENGINE_REBUILT)
+                ctl.exchange_and_restore(engine, tl)
             return engine
         except BaseException as exc:
             if not is_comm_failure(exc) and not isinstance(exc, membership.GenerationChanged):
@@ -323,7 +348,7 @@ def failover_initialize(build: Callable[..., Any], init_kwargs: Dict[str, Any]):
             kwargs = dict(init_kwargs, model=spec.take_module())
             if spec.param_spec is not None:
                 kwargs["model_parameters"] = spec.model_parameters(kwargs["model"])
-            replacement = True  # whatever state existed is gone with the failed attempt's peers
+            tl = RecoveryTimeline(replacement=True)  # whatever state existed is gone with the failed attempt's peers
         finally:
             _context.value = None
     raise TerminalError(f"could not join the job after {_MAX_ATTEMPTS} generations")

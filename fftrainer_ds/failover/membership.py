@@ -33,6 +33,10 @@ from ..errors import RecoverableError, TerminalError
 from . import protocol as P
 
 _POLL_S = 0.02
+# Generations `Agent._form` tries before giving up. Each try ends only when the group formed or a newer
+# generation was published, and every generation costs a failure or a regroup: more than this many in a
+# row means the job is not converging, and the coordinator's --max-restarts would stop it soon anyway.
+MAX_FORM_ATTEMPTS = 16
 
 
 class GenerationChanged(RecoverableError):
@@ -213,7 +217,7 @@ class Agent:
             return
         rep = P.ErrorReport(self.rank, self.slot, self.generation, f"{type(exc).__name__}: {exc}"[:300], time.time())
         i = self.store.add(P.ERR_COUNT, 1) - 1
-        self.store.set(P.err_key(i), P.dumps(rep.__dict__))
+        self.store.set(P.err_key(i), rep.to_json())
 
     def handle_collective_error(self, exc: BaseException, timeout_s: Optional[float] = None) -> int:
         """After a collective raised: report it, then wait for and return the next generation."""
@@ -267,13 +271,16 @@ class Agent:
     def recover(self, exc: Optional[BaseException] = None, backend: Optional[str] = None,
                 destroy: Optional[Callable[[], None]] = None) -> int:
         """Report `exc`, wait for the next generation and rebuild the group there, retrying until one
-        forms (each further failure moves to the newer generation); returns the generation joined."""
+        forms (each further failure moves to the newer generation); returns the generation joined.
+        Raises TerminalError after MAX_FORM_ATTEMPTS generations without a group."""
         if exc is not None:
             self.report_error(exc)
         return self._form(self.wait_for_generation(after=self.generation), backend, destroy)
 
     def _form(self, g: int, backend: Optional[str], destroy: Optional[Callable[[], None]] = None) -> int:
-        while True:
+        tried: List[int] = []
+        while len(tried) < MAX_FORM_ATTEMPTS:
+            tried.append(g)
             try:
                 self.rebuild_default_group(g, backend, destroy)
                 return g
@@ -281,6 +288,8 @@ class Agent:
                 g = err.generation
             except RecoverableError:
                 g = self.wait_for_generation(after=g)
+        raise TerminalError(f"slot {self.slot}: no process group formed in {len(tried)} generations tried "
+                            f"({tried[0]} to {tried[-1]}); giving up")
 
     def _wait_keys(self, keys: List[str], what: str, generation: int) -> None:
         deadline = time.monotonic() + self.collective_timeout_s + self.heartbeat_timeout_s
@@ -307,7 +316,7 @@ class Agent:
 
     def report_progress(self, step: int) -> None:
         """Publish the last completed step of this rank (informational; `allgather` agrees on resumes)."""
-        self.store.set(P.progress_key(self.rank), P.dumps({"step": step, "gen": self.generation, "time": time.time()}))
+        self.store.set(P.progress_key(self.rank), P.Progress(step, self.generation, time.time()).to_json())
 
     def finish(self) -> None:
         """Stop heartbeats; the process should then exit 0 (which the supervisor counts as finished).

@@ -16,12 +16,9 @@ import torch.nn as nn
 
 from ..ds import adapter as ds_adapter
 from ..errors import ConfigError
-from .template import materialize, meta_template
+from .template import materialize, meta_template, refuse_partitioned
 
 logger = logging.getLogger("fftrainer_ds")
-
-# Attributes of FailoverEngine that survive a rebuild (everything else is DeepSpeed's).
-KEEP = ("ff_config", "_ff", "_ff_spec", "_ff_fingerprint", "_ff_ctl")
 
 
 class RebuildSpec:
@@ -30,13 +27,7 @@ class RebuildSpec:
     def __init__(self, init_kwargs: Dict[str, Any]):
         model: nn.Module = init_kwargs["model"]
         self.model_id = id(model)  # which model this spec was captured from
-        optimizer, scheduler = init_kwargs.get("optimizer"), init_kwargs.get("lr_scheduler")
-        if isinstance(optimizer, torch.optim.Optimizer):
-            raise ConfigError("fast_failover: pass the optimizer in the DeepSpeed config or as a callable "
-                              "(params -> optimizer), not as an instance: a rebuilt engine needs a new one")
-        if scheduler is not None and (not callable(scheduler) or hasattr(scheduler, "state_dict")):
-            raise ConfigError("fast_failover: pass the lr scheduler in the DeepSpeed config or as a callable "
-                              "(optimizer -> scheduler), not as an instance")
+        self.validate(init_kwargs)
         self.device = next(model.parameters()).device
         self.template = meta_template(model)
         self._ready: Optional[nn.Module] = None  # see prepare()
@@ -49,6 +40,19 @@ class RebuildSpec:
         # initialize-level arguments that DeepSpeedEngine.__init__ does not take are dropped too
         skip = ("model", "model_parameters", "training_data", "config_class", "distributed_port", "mesh_param")
         self.kwargs = {k: v for k, v in init_kwargs.items() if k not in skip}
+
+    @staticmethod
+    def validate(init_kwargs: Dict[str, Any]) -> None:
+        """ConfigError for what a rebuilt engine could not be given again (same checks with or without
+        fftrainer-launch, so a script that works in one works in the other)."""
+        optimizer, scheduler = init_kwargs.get("optimizer"), init_kwargs.get("lr_scheduler")
+        if isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError("fast_failover: pass the optimizer in the DeepSpeed config or as a callable "
+                              "(params -> optimizer), not as an instance: a rebuilt engine needs a new one")
+        if scheduler is not None and (not callable(scheduler) or hasattr(scheduler, "state_dict")):
+            raise ConfigError("fast_failover: pass the lr scheduler in the DeepSpeed config or as a callable "
+                              "(optimizer -> scheduler), not as an instance")
+        refuse_partitioned(init_kwargs["model"])
 
     @staticmethod
     def _spec(item, names):
@@ -77,30 +81,24 @@ class RebuildSpec:
                 for x in self.param_spec]
 
 
-def release_engine(engine) -> None:
-    """Forget DeepSpeed's engine state (optimizer, module, hooks, groups) on `engine`, keeping ours.
+def release_engine(engine, keep: Dict[str, Any]) -> None:
+    """Forget DeepSpeed's engine state (optimizer, module, hooks, groups) on `engine`; `keep` is what
+    the engine owns beyond DeepSpeed (FailoverEngine names it) and stays.
 
     The old default group and its subgroups are destroyed and every Python reference to them from
     the engine is dropped. (Measured: torch still holds C++ references to a destroyed gloo group,
     so its sockets stay open until the process exits; a live peer blocked in an old collective then
     wakes only at its collective timeout. A full gc.collect() here cost 0.1-0.5 s and freed nothing.)
     """
-    if "optimizer" in engine.__dict__:
-        ds_adapter.dismantle_engine(engine)
-    kept = {k: engine.__dict__[k] for k in KEEP if k in engine.__dict__}
-    loader = engine.__dict__.get("_ff_loader") or engine.__dict__.get("training_dataloader")
+    ds_adapter.dismantle_engine(engine)
     engine.__dict__.clear()
-    engine.__dict__.update(kept)
-    engine.__dict__["_ff_loader"] = loader
+    engine.__dict__.update(keep)
     ds_adapter.release_groups()
 
 
-def rebuild_in_place(engine, spec: RebuildSpec) -> None:
+def rebuild_in_place(engine, spec: RebuildSpec, keep: Dict[str, Any]) -> None:
     """Construct DeepSpeed's engine again on `engine` over the current default process group."""
-    kept = {k: engine.__dict__[k] for k in KEEP if k in engine.__dict__}
-    loader = engine.__dict__.pop("_ff_loader", None) or engine.__dict__.get("training_dataloader")
     module = spec.take_module()
     kwargs = dict(spec.kwargs, model=module, model_parameters=spec.model_parameters(module), training_data=None)
     ds_adapter.reinit_engine(engine, kwargs)
-    engine.__dict__.update(kept)
-    engine.training_dataloader = loader
+    engine.__dict__.update(keep)  # DeepSpeed's __init__ knows nothing of these

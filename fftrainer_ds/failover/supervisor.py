@@ -1,6 +1,7 @@
-"""Supervisor side of one node: spawn the children, see them exit or hang, post what happened.
+"""The supervisor of one node (the failure detector of fftrainer-launch): spawn the children, see them
+exit or hang, post what happened; `Coordinator` (coordinator.py, node 0 only) decides what follows.
 
-`NodeSupervisor.poll()` is called every ~20 ms by the launcher's loop. It reaps exited children
+`NodeSupervisor.poll()` is called every ~20 ms by the launcher's loop (launch.py). It reaps exited children
 (`Popen.poll`), checks heartbeat counters (``ff/hb/{slot}``) against its own monotonic clock, SIGKILLs
 a child whose heartbeat is older than `heartbeat_timeout_s`, and posts one `NodeEvent` per child
 outcome to ``ff/node/{n}/ev/{i}``. It also follows the published generations: it spawns the restarted
@@ -33,7 +34,7 @@ _GEN_CHECK_S = 0.05
 @dataclass
 class Child:
     slot: str
-    kind: str                        # "worker" | "spare" | "restart"
+    kind: P.SlotKind
     local_rank: int
     proc: subprocess.Popen
     rank: Optional[int] = None       # None for an unassigned spare
@@ -118,27 +119,25 @@ class NodeSupervisor:
             env[P.ENV_REPLACEMENT] = "1"
         return env
 
-    def spawn(self, slot: str, kind: str, local_rank: int, rank: Optional[int] = None,
+    def spawn(self, slot: str, kind: P.SlotKind, local_rank: int, rank: Optional[int] = None,
               spare_id: Optional[int] = None) -> Child:
-        env = self._env(slot, local_rank, rank, spare_id, replacement=(kind == "restart"))
+        env = self._env(slot, local_rank, rank, spare_id, replacement=(kind is P.SlotKind.RESTART))
         proc = subprocess.Popen(self.cmd, env=env, start_new_session=True, preexec_fn=self._preexec)
         child = Child(slot, kind, local_rank, proc, rank)
         self.children[slot] = child
-        self.store.set(P.slot_key(slot), P.dumps({"pid": proc.pid, "node": self.node, "host": self.host}))
+        self.store.set(P.slot_key(slot), P.SlotInfo(proc.pid, self.node, self.host).to_json())
         log.info("spawned slot=%s kind=%s rank=%s local_rank=%d pid=%d", slot, kind, rank, local_rank, proc.pid)
         return child
 
     def start(self) -> None:
         """Spawn the workers and spares, then register them at ``ff/node/{n}``."""
         for i in range(self.nproc):
-            self.spawn(P.worker_slot(self.node, i), "worker", i, rank=self.node * self.nproc + i)
+            self.spawn(P.worker_slot(self.node, i), P.SlotKind.WORKER, i, rank=self.node * self.nproc + i)
         for s in range(self.nspares):
-            self.spawn(P.spare_slot(self.node, s), "spare", self.nproc + s, spare_id=s)
+            self.spawn(P.spare_slot(self.node, s), P.SlotKind.SPARE, self.nproc + s, spare_id=s)
         self.store.set(P.node_nev_key(self.node), "0")
-        self.store.set(P.node_key(self.node), P.dumps({
-            "host": self.host, "pid": os.getpid(), "nproc": self.nproc,
-            "slots": {c.slot: {"kind": c.kind, "pid": c.pid, "local_rank": c.local_rank, "rank": c.rank}
-                      for c in self.children.values()}}))
+        slots = {c.slot: P.RegisteredSlot(c.kind, c.pid, c.local_rank, c.rank) for c in self.children.values()}
+        self.store.set(P.node_key(self.node), P.NodeRegistration(self.host, os.getpid(), self.nproc, slots).to_json())
 
     # --- detection ----------------------------------------------------------------------------------
     def poll(self) -> None:
@@ -157,11 +156,11 @@ class NodeSupervisor:
             self._check_heartbeats(now)
 
     def _post(self, ev: P.NodeEvent) -> None:
-        self.store.set(P.node_event_key(self.node, self.nev), P.dumps(ev.__dict__))
+        self.store.set(P.node_event_key(self.node, self.nev), ev.to_json())
         self.nev += 1
         self.store.set(P.node_nev_key(self.node), str(self.nev))
 
-    def _event(self, child: Child, kind: str, rc: Optional[int], cause: str) -> P.NodeEvent:
+    def _event(self, child: Child, kind: P.EventKind, rc: Optional[int], cause: str) -> P.NodeEvent:
         return P.NodeEvent(kind, child.slot, self.node, self.host, child.pid, time.time(), rc, cause)
 
     def _exited(self, child: Child, rc: int) -> None:
@@ -170,14 +169,14 @@ class NodeSupervisor:
         if child.declared is not None:
             return
         if rc == 0:
-            self._post(self._event(child, "exit", 0, "finished"))
+            self._post(self._event(child, P.EventKind.EXIT, 0, "finished"))
             return
         cause = describe_exit(rc)
         key = P.slot_error_key(child.slot)
         if rc > 0 and self.store.check([key]):
             cause += f": uncaught {self.store.get(key).decode()}"
         child.declared = cause
-        self._post(self._event(child, "failure", rc, cause))
+        self._post(self._event(child, P.EventKind.FAILURE, rc, cause))
 
     def _check_heartbeats(self, now: float) -> None:
         timeout = self.job.heartbeat_timeout_s
@@ -195,7 +194,7 @@ class NodeSupervisor:
                     log.warning("slot=%s pid=%d finished but did not exit within %.0f s: SIGKILL", child.slot,
                                 child.pid, self.job.collective_timeout_s)
                     child.declared = "finished"
-                    self._post(self._event(child, "exit", 0, "finished; SIGKILLed at exit"))
+                    self._post(self._event(child, P.EventKind.EXIT, 0, "finished; SIGKILLed at exit"))
                     _killpg(child.pid, signal.SIGKILL)
 
     def kill(self, child: Child, cause: str, post: bool = True) -> None:
@@ -203,7 +202,7 @@ class NodeSupervisor:
         if child.declared is None:
             child.declared = cause
             if post:
-                self._post(self._event(child, "failure", None, cause))
+                self._post(self._event(child, P.EventKind.FAILURE, None, cause))
         _killpg(child.pid, signal.SIGKILL)
 
     # --- generations --------------------------------------------------------------------------------
@@ -223,8 +222,8 @@ class NodeSupervisor:
             if rs.node != self.node:
                 continue
             child = self.children.get(rs.slot)
-            if child is None and rs.kind == "restart":
-                self.spawn(rs.slot, "restart", rs.local_rank, rank=rank)
+            if child is None and rs.kind is P.SlotKind.RESTART:
+                self.spawn(rs.slot, P.SlotKind.RESTART, rs.local_rank, rank=rank)
             elif child is not None:
                 child.rank = rank
 

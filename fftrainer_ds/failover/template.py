@@ -15,13 +15,18 @@ import torch.nn as nn
 from ..errors import ConfigError
 
 
+def refuse_partitioned(model: nn.Module) -> None:
+    """A model built under deepspeed.zero.Init() holds only partitions: no template can be taken."""
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        raise ConfigError("fast_failover: models built under deepspeed.zero.Init() are not supported; "
+                          "build the model normally and let ZeRO-3 partition it in initialize")
+
+
 def meta_template(model: nn.Module) -> nn.Module:
     """Structure of `model` with meta parameters (call before DeepSpeed wraps the model)."""
+    refuse_partitioned(model)
     memo = {}
     for p in model.parameters():
-        if hasattr(p, "ds_id"):
-            raise ConfigError("fast_failover: models built under deepspeed.zero.Init() are not supported; "
-                              "build the model normally and let ZeRO-3 partition it in initialize")
         meta = torch.empty_like(p, device="meta")
         memo[id(p)] = nn.Parameter(meta, requires_grad=p.requires_grad)
     return copy.deepcopy(model, memo)

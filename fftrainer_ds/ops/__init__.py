@@ -13,7 +13,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from . import reference
+from . import native, reference
 
 logger = logging.getLogger("fftrainer_ds")
 
@@ -30,7 +30,7 @@ class Backend:
 
 
 def _native(threads: int) -> Backend:
-    from fftrainer_ds import _C  # noqa: WPS433 (deliberately lazy: the build may be absent)
+    _C = native.load()
 
     def pack(dst, srcs, offsets):
         srcs = [s.detach() for s in srcs]

@@ -35,6 +35,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ..errors import SnapshotError
+from . import native
 from .reference import as_bytes
 
 logger = logging.getLogger("fftrainer_ds")
@@ -48,15 +49,6 @@ MODES = ("mapped", "staged")
 def high_priority_stream(device=None, priority: int = -1) -> "torch.cuda.Stream":
     """A compute stream above the default priority, so the pack stream (priority 0) yields to it."""
     return torch.cuda.Stream(device=device, priority=priority)
-
-
-def _native():
-    """The `_C` module when it was built with the CUDA kernels, else None."""
-    try:
-        from fftrainer_ds import _C  # noqa: WPS433 (lazy: the build may be absent)
-    except ImportError:
-        return None
-    return _C if _C.has_cuda() else None
 
 
 def split_even(total: int, pieces: int) -> List[Tuple[int, int]]:
@@ -103,7 +95,7 @@ class CudaPacker:
         if pieces < 1 or staging_slots < 1 or max_blocks < 0:
             raise ValueError("CudaPacker: pieces and staging_slots must be >= 1, max_blocks >= 0")
         self.device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
-        self._C = _native() if backend in ("auto", "native") else None
+        self._C = native.load_cuda() if backend in ("auto", "native") else None
         if backend == "native" and self._C is None:
             raise ImportError("CudaPacker(backend='native'): fftrainer_ds._C was built without CUDA kernels")
         if self._C is None:

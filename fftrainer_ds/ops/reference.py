@@ -5,11 +5,12 @@ and identical checksums; the tests compare them.
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Sequence, TypeVar
 
 import torch
 
-P = (1 << 31) - 1
+FF31_PRIME = (1 << 31) - 1
+"""The modulus of FF31's two running sums (docs/FORMAT.md)."""
 _CHUNK_WORDS = 1 << 20  # bounds the int64 temporaries to 8 MiB per chunk
 
 
@@ -36,20 +37,31 @@ def checksum_parts(data: torch.Tensor, first_word: int = 0) -> tuple[int, int]:
     a = b = 0
     for start in range(0, words.numel(), _CHUNK_WORDS):
         w = words[start:start + _CHUNK_WORDS].to(torch.int64) & 0xFFFFFFFF
-        w = w % P
-        idx = torch.arange(first_word + start + 1, first_word + start + 1 + w.numel(), dtype=torch.int64) % P
-        a = (a + int(w.sum())) % P
-        b = (b + int(((idx * w) % P).sum())) % P
+        w = w % FF31_PRIME
+        idx = torch.arange(first_word + start + 1, first_word + start + 1 + w.numel(), dtype=torch.int64) % FF31_PRIME
+        a = (a + int(w.sum())) % FF31_PRIME
+        b = (b + int(((idx * w) % FF31_PRIME).sum())) % FF31_PRIME
     return a, b
+
+
+Sum = TypeVar("Sum", int, torch.Tensor)
+
+
+def finish(a: Sum, b: Sum, nbytes: Sum) -> Sum:
+    """The FF31 checksum from partial sums (a, b) reduced mod FF31_PRIME and the data's length.
+
+    Python ints or int64 tensors (elementwise, on any device): the Triton path finishes a whole
+    batch of segments on the GPU without a host round trip.
+    """
+    a = (1 + a) % FF31_PRIME
+    b = (nbytes % FF31_PRIME + b) % FF31_PRIME
+    return (b << 32) | a
 
 
 def checksum(data: torch.Tensor) -> int:
     """FF31 checksum of a uint8 tensor (see docs/FORMAT.md)."""
-    nbytes = data.numel()
     a, b = checksum_parts(data)
-    a = (1 + a) % P
-    b = (nbytes % P + b) % P
-    return (b << 32) | a
+    return finish(a, b, data.numel())
 
 
 def pack(dst: torch.Tensor, srcs: Sequence[torch.Tensor], offsets: Sequence[int]) -> List[int]:

@@ -6,8 +6,9 @@ them. Importing this module raises ImportError when triton is missing (`ops.get_
 One launch covers every segment: the host builds a table with one row per chunk of `CHUNK_BYTES`
 (source address relative to the lowest source, destination offset, length, index of the chunk's
 first word in its segment); each program copies its chunk bytewise (any source alignment, any
-size, the last word zero-padded) and writes its partial sums (a, b) reduced mod P; a torch
-`index_add_` then combines the partials per segment on the device.
+size, the last word zero-padded) and writes its partial sums (a, b) reduced mod P (the prime
+`reference.FF31_PRIME`, passed in as the constexpr PRIME); a torch `index_add_` then combines the
+partials per segment on the device.
 
 Overflow: a program sums 1024 words, so a < 2^42 and b = sum (j+1) w < 2^10 * 2^32 * 2^10 = 2^52
 in int64 before the reduction mod P = 2^31 - 1; the re-basing product (first_word mod P) * a
@@ -21,14 +22,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import P, as_bytes
+from .reference import FF31_PRIME, as_bytes, finish
 
 BLOCK_WORDS = 1024
 CHUNK_BYTES = 4 * BLOCK_WORDS
 
 
 @triton.jit
-def _gather_kernel(base_ptr, dst_ptr, table_ptr, part_ptr, STORE: tl.constexpr, BLOCK_WORDS: tl.constexpr):
+def _gather_kernel(base_ptr, dst_ptr, table_ptr, part_ptr, STORE: tl.constexpr, BLOCK_WORDS: tl.constexpr,
+                   PRIME: tl.constexpr):
+    # PRIME is a constexpr argument, not a literal, so the modulus has one definition (reference.py);
+    # constexpr specializes the kernel at compile time, so it still compiles to an immediate.
     pid = tl.program_id(0).to(tl.int64)
     row = table_ptr + pid * 4
     src_off = tl.load(row)          # bytes from base_ptr to the chunk's first byte (>= 0)
@@ -46,16 +50,10 @@ def _gather_kernel(base_ptr, dst_ptr, table_ptr, part_ptr, STORE: tl.constexpr, 
     w = tl.sum(byt.to(tl.int64) << (k[None, :] * 8).to(tl.int64), axis=1)
     a = tl.sum(w, axis=0)
     b = tl.sum((j + 1).to(tl.int64) * w, axis=0)
-    a = a % 2147483647
-    b = (b % 2147483647 + (first_word % 2147483647) * a) % 2147483647
+    a = a % PRIME
+    b = (b % PRIME + (first_word % PRIME) * a) % PRIME
     tl.store(part_ptr + pid * 2, a)
     tl.store(part_ptr + pid * 2 + 1, b)
-
-
-def _finish(a: torch.Tensor, b: torch.Tensor, nbytes: torch.Tensor) -> torch.Tensor:
-    a = (1 + a) % P
-    b = (nbytes % P + b) % P
-    return (b << 32) | a
 
 
 def _to(device: torch.device, values) -> torch.Tensor:
@@ -75,7 +73,7 @@ def _launch(dst, srcs: Sequence[torch.Tensor], offsets: Sequence[int]) -> torch.
     nbytes_dev = _to(device, sizes)
     if total == 0:
         zero = torch.zeros(len(srcs), dtype=torch.int64, device=device)
-        return _finish(zero, zero, nbytes_dev)
+        return finish(zero, zero, nbytes_dev)
     live = [s for s in srcs if s.numel()]
     base = min(live, key=lambda s: s.data_ptr())
     base_addr = base.data_ptr()
@@ -89,9 +87,9 @@ def _launch(dst, srcs: Sequence[torch.Tensor], offsets: Sequence[int]) -> torch.
                          torch.clamp(seg[seg_of, 2] - local, max=CHUNK_BYTES), local // 4], dim=1).contiguous()
     parts = torch.empty((total, 2), dtype=torch.int64, device=device)
     _gather_kernel[(total,)](base, base if dst is None else dst, table, parts,
-                             STORE=dst is not None, BLOCK_WORDS=BLOCK_WORDS)
-    sums = torch.zeros((len(srcs), 2), dtype=torch.int64, device=device).index_add_(0, seg_of, parts) % P
-    return _finish(sums[:, 0], sums[:, 1], nbytes_dev)
+                             STORE=dst is not None, BLOCK_WORDS=BLOCK_WORDS, PRIME=FF31_PRIME)
+    sums = torch.zeros((len(srcs), 2), dtype=torch.int64, device=device).index_add_(0, seg_of, parts) % FF31_PRIME
+    return finish(sums[:, 0], sums[:, 1], nbytes_dev)
 
 
 def _check(dst: torch.Tensor, srcs: Sequence[torch.Tensor], offsets: Sequence[int]) -> List[torch.Tensor]:

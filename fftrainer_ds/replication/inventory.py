@@ -1,29 +1,39 @@
-"""Replica inventories published to the coordination store, readable when ranks are dead."""
+"""Which replica versions each holder has committed: the one inventory, gathered from the holders.
+
+A holder knows its own (`ReplicationService.local_inventory`); the job-wide view is an all-gather
+over the replication group (`gather`), the same route recovery uses for its `RankInfo`s. There is
+no second copy in the coordination store: a view read from there could be stale, and writing it
+cost a store round trip per committed replica.
+"""
 from __future__ import annotations
 
-import json
-from typing import Dict, List, Tuple
+from typing import Dict, List, NamedTuple
 
-Version = Tuple[int, int]  # (generation, step)
+import torch.distributed as dist
 
-
-def inventory_key(generation: int, holder: int) -> str:
-    """Store key under which `holder` publishes the replicas it has committed (JSON, see below)."""
-    return f"fftrainer/replication/gen{generation}/holder/{holder}"
+from ..errors import RecoverableError
 
 
-def read_inventory(store, generation: int, world_size: int) -> Dict[int, Dict[int, List[Version]]]:
-    """source -> {holder -> committed versions}, from what holders published to `store`.
+class Version(NamedTuple):
+    """One snapshot version of a source rank: the generation that produced it and its step."""
 
-    Works when ranks are dead (their last publication stays: intersect with the live ranks).
-    Value of each key: {"holder": h, "generation": g, "sources": {"<src>": [[gen, step], ...]}}.
-    """
-    out: Dict[int, Dict[int, List[Version]]] = {src: {} for src in range(world_size)}
-    for holder in range(world_size):
-        key = inventory_key(generation, holder)
-        if not store.check([key]):
-            continue
-        doc = json.loads(store.get(key).decode())
-        for src, versions in doc["sources"].items():
-            out.setdefault(int(src), {})[holder] = [tuple(v) for v in versions]
+    generation: int
+    step: int
+
+
+Inventory = Dict[int, Dict[int, List[Version]]]  # source rank -> {holder rank -> committed versions}
+
+
+def gather(local: Dict[int, List[Version]], group, world_size: int) -> Inventory:
+    """source -> {holder -> versions} over every rank of `group`. COLLECTIVE; a dead or stalled
+    member makes it fail with RecoverableError (recovery, not this call, handles lost ranks)."""
+    gathered: List[object] = [None] * world_size
+    try:
+        dist.all_gather_object(gathered, {src: [tuple(v) for v in vs] for src, vs in local.items()}, group=group)
+    except Exception as exc:  # gloo raises RuntimeError / DistBackendError when a peer is gone
+        raise RecoverableError(f"replica inventory: gather over the replication group failed ({exc})") from exc
+    out: Inventory = {src: {} for src in range(world_size)}
+    for holder, inv in enumerate(gathered):
+        for src, versions in inv.items():
+            out[int(src)][holder] = [Version(*v) for v in versions]
     return out

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional
 
 import torch
 
 from .transport import (KIND_CLOSE, KIND_DATA, HEADER_LEN, Channel, ChunkHeader, OpWatch, StreamError,
                         TransportError, TransportHooks, data_tag, hdr_tag)
 
-logger = logging.getLogger("fftrainer_ds.replication")
+from .inventory import Version
 
-Version = Tuple[int, int]  # (generation, step)
+logger = logging.getLogger("fftrainer_ds.replication")
 
 
 class ReplicaRef:
@@ -81,7 +81,7 @@ class SourceReplica:
             if slot.buf is None or slot.buf.numel() < nbytes:
                 slot.buf = None  # free the old one before allocating
                 slot.buf = torch.empty(nbytes, dtype=torch.uint8)
-            slot.nbytes, slot.version = nbytes, version
+            slot.nbytes, slot.version = nbytes, Version(*version)
             self._inflight = idx
             return slot.buf[:nbytes]
 
@@ -117,10 +117,6 @@ class SourceReplica:
         with self._lock:
             self._slots[idx].leases -= 1
 
-    def nbytes_held(self) -> int:
-        with self._lock:
-            return sum(s.buf.numel() for s in self._slots if s.buf is not None)
-
 
 class ReceiverThread:
     """Reads source `src`'s stream into its `SourceReplica`; one daemon thread per source.
@@ -151,7 +147,6 @@ class ReceiverThread:
         self._problem: Optional[str] = None
         self._next_index = self._next_offset = 0
         self.dropped: Optional[str] = None
-        self.closed_by_source = False
         self.thread = threading.Thread(target=self._run, name=f"ffrepl-recv-{src}", daemon=True)
 
     def start(self) -> None:
@@ -178,7 +173,6 @@ class ReceiverThread:
                     raise StreamError(f"header of source {h.src} generation {h.stream_generation} on the "
                                       f"stream of source {self.src} generation {self.stream_generation}")
                 if h.kind == KIND_CLOSE:  # a version cut short by the source's close() is not counted
-                    self.closed_by_source = True
                     return
                 if h.kind != KIND_DATA:
                     raise StreamError(f"unknown header kind {h.kind}")

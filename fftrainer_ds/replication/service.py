@@ -2,14 +2,14 @@
 
 Call order (engine.py):
 
-    svc = ReplicationService(cfg, rank, world, node_of, snapshot_bytes, store, generation)  # COLLECTIVE
+    svc = ReplicationService(cfg, rank, world, node_of, snapshot_bytes, generation)  # COLLECTIVE
     per step:  svc.set_window(True)                      # forward/backward: senders may send
                ... svc.offer(pool.acquire_committed())   # hands over the lease, never blocks
                svc.end_of_compute()                      # forward/backward over (may send, see below)
                svc.set_window(False)                     # optimizer step / its collectives
                svc.set_window(True); svc.on_step(step, step_time_s)
     any time:  svc.stats(), svc.local_inventory(), svc.replica(src) (a lease: release it)
-    all ranks: svc.replica_inventory()                   # COLLECTIVE (falls back to the store)
+    all ranks: svc.replica_inventory()                   # COLLECTIVE over the replication group
     end:       svc.close()                               # bounded; replicas stay readable after it
 
 One service per process-group generation: after a regroup, close the old one and build a new one
@@ -24,7 +24,6 @@ held-back version at that fence, outside its sample. Without on_step calls there
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import threading
 import time
@@ -37,29 +36,20 @@ import torch.distributed as dist
 
 from .. import ops
 from ..config import FastFailoverConfig
-from ..errors import ConfigError, RecoverableError
-from .inventory import Version, inventory_key, read_inventory
+from ..errors import ConfigError
+from .inventory import Inventory, Version, gather
 from .placement import check_memory, placement, replica_holders, sources_held_by
 from .receiver import ReceiverThread, ReplicaRef, SourceReplica
 from .throttle import MB, AimdThrottle, TokenBucket
-from .transport import Channel, OutgoingVersion, SenderThread, TransportHooks, round_chunk_bytes
+from .sender import SenderThread
+from .transport import Channel, OutgoingVersion, TransportHooks, round_chunk_bytes
 
 logger = logging.getLogger("fftrainer_ds.replication")
 
-
-
+# Services still open at interpreter exit are closed while daemon threads can still run: a thread
+# woken inside gloo during finalization would abort the process ("terminate called ...").
 _live_services: "weakref.WeakSet[ReplicationService]" = weakref.WeakSet()
-_atexit_registered = False
-
-
-def _close_at_exit(service: "ReplicationService") -> None:
-    """Close services still open at interpreter exit, while daemon threads can still run: a thread
-    woken inside gloo during finalization would abort the process ("terminate called ...")."""
-    global _atexit_registered
-    if not _atexit_registered:
-        atexit.register(lambda: [s.close(timeout_s=1.0) for s in list(_live_services)])
-        _atexit_registered = True
-    _live_services.add(service)
+atexit.register(lambda: [s.close(timeout_s=1.0) for s in list(_live_services)])
 
 
 class ReplicationService:
@@ -73,12 +63,11 @@ class ReplicationService:
     """
 
     def __init__(self, cfg: FastFailoverConfig, rank: int, world_size: int, node_of: Sequence[int],
-                 snapshot_bytes: int, store=None, generation: int = 0, group=None, *,
+                 snapshot_bytes: int, generation: int = 0, group=None, *,
                  peer_timeout_s: Optional[float] = None, close_timeout_s: float = 5.0,
                  warmup_steps: int = 1, baseline_steps: int = 3, rebaseline_every_steps: int = 1000) -> None:
         self.cfg, self.rank, self.world_size, self.generation = cfg, rank, world_size, generation
         self.k = cfg.replication_factor if cfg.enabled else 0
-        self.store = store
         self.peer_timeout_s = float(peer_timeout_s if peer_timeout_s is not None else cfg.heartbeat_timeout_s)
         self.close_timeout_s = close_timeout_s
         self.chunk_bytes = round_chunk_bytes(cfg.chunk_bytes)
@@ -89,7 +78,6 @@ class ReplicationService:
         self._own_group = False
         self._closed = False
         self._lock = threading.Lock()
-        self._publish_lock = threading.Lock()
         self._gate_cond = threading.Condition()
         self._window_open = True
         self._paused = False
@@ -111,21 +99,7 @@ class ReplicationService:
         if cfg.replication_backend != "gloo":
             raise ConfigError(f"fast_failover.replication_backend={cfg.replication_backend!r} is not implemented "
                               "yet (NCCL send/recv from several threads needs per-pair communicators); use 'gloo'")
-        table = placement(world_size, self.k, node_of)  # ConfigError before any collective
-        self.holders = replica_holders(rank, world_size, self.k, node_of)
-        self.sources = sources_held_by(rank, world_size, self.k, node_of)
-        if group is None:
-            group = dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.collective_timeout_s))
-            self._own_group = True
-        self.group = group
-        # Sizes are only needed for the memory budget (every rank has the same config: same collectives).
-        sizes = self._gather_sizes(int(snapshot_bytes)) if cfg.max_host_memory_gb is not None else []
-        try:
-            check_memory(self.cfg, table, sizes)
-        except ConfigError:
-            if self._own_group:
-                dist.destroy_process_group(group)
-            raise
+        self._join_group(group, node_of, int(snapshot_bytes))
         self._checksum = ops.get_backend("reference" if cfg.snapshot_backend == "reference" else "auto",
                                          threads=1).checksum
         fixed = cfg.max_bandwidth_mbps * MB if cfg.max_bandwidth_mbps else None
@@ -137,7 +111,31 @@ class ReplicationService:
         self._catch_up_s = 0.0  # time the current step spent sending a held-back version
         self._last_version_bytes = 0
         self._warned_floor = False
-        channel = self._channel = Channel(group)
+        self._start_threads(generation)
+        _live_services.add(self)
+
+    # ---- construction helpers -------------------------------------------------------------
+    def _join_group(self, group, node_of: Sequence[int], snapshot_bytes: int) -> None:
+        """Placement, the dedicated group (collective) and the memory budget: the same ConfigError on
+        every rank, before or right after the group exists."""
+        table = placement(self.world_size, self.k, node_of)  # ConfigError before any collective
+        self.holders = replica_holders(self.rank, self.world_size, self.k, node_of)
+        self.sources = sources_held_by(self.rank, self.world_size, self.k, node_of)
+        if group is None:
+            group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.cfg.collective_timeout_s))
+            self._own_group = True
+        self.group = group
+        # Sizes are only needed for the memory budget (every rank has the same config: same collectives).
+        sizes = self._gather_sizes(snapshot_bytes) if self.cfg.max_host_memory_gb is not None else []
+        try:
+            check_memory(self.cfg, table, sizes)
+        except ConfigError:
+            if self._own_group:
+                dist.destroy_process_group(group)
+            raise
+
+    def _start_threads(self, generation: int) -> None:
+        channel = self._channel = Channel(self.group)
         for src in self.sources:
             self._replicas[src] = SourceReplica(src)
             self._receivers[src] = ReceiverThread(
@@ -145,17 +143,14 @@ class ReplicationService:
                 lambda: self.hooks, self._on_commit, self._on_bad_version, self._on_drop)
         for dst in self.holders:
             self._senders[dst] = SenderThread(
-                channel, rank, dst, generation, self.peer_timeout_s, self._gate, self._bucket.acquire,
+                channel, self.rank, dst, generation, self.peer_timeout_s, self._gate, self._bucket.acquire,
                 lambda: self.hooks, self._on_sent, self._on_drop, self._on_superseded)
-        self._publish()
         for t in list(self._receivers.values()) + list(self._senders.values()):
             t.start()
         self._watchdog_stop = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, name="ffrepl-watchdog", daemon=True)
         self._watchdog.start()
-        _close_at_exit(self)
 
-    # ---- construction helpers -------------------------------------------------------------
     def _gather_sizes(self, nbytes: int) -> List[int]:
         mine = torch.tensor([nbytes], dtype=torch.int64)
         out = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
@@ -277,25 +272,12 @@ class ReplicationService:
             out[src] = [v] if v is not None else []
         return out
 
-    def replica_inventory(self) -> Dict[int, Dict[int, List[Version]]]:
-        """source -> {holder -> versions} over all ranks. COLLECTIVE over the replication group;
-        when that fails (a rank is dead) it reads what holders published to `store`."""
-        out: Dict[int, Dict[int, List[Version]]] = {src: {} for src in range(self.world_size)}
+    def replica_inventory(self) -> Inventory:
+        """source -> {holder -> versions} over all ranks. COLLECTIVE over the replication group
+        (RecoverableError when a member is gone)."""
         if self.k == 0:
-            return out
-        gathered: List[Any] = [None] * self.world_size
-        try:
-            dist.all_gather_object(gathered, self.local_inventory(), group=self.group)
-        except Exception as exc:
-            if self.store is None:
-                raise RecoverableError(f"replica_inventory: gather over the replication group failed ({exc}) "
-                                       "and no store was given") from exc
-            logger.warning("replica_inventory: gather failed (%s); reading the store", exc)
-            return read_inventory(self.store, self.generation, self.world_size)
-        for holder, inv in enumerate(gathered):
-            for src, versions in inv.items():
-                out[src][holder] = [tuple(v) for v in versions]
-        return out
+            return {src: {} for src in range(self.world_size)}
+        return gather(self.local_inventory(), self.group, self.world_size)
 
     def replica(self, src: int) -> Optional[ReplicaRef]:
         """A lease on the committed replica of `src` held here (None if none); release it."""
@@ -303,13 +285,11 @@ class ReplicationService:
         return rep.lease() if rep is not None else None
 
     def stats(self) -> Dict[str, Any]:
-        """Counters: bytes_sent, versions_sent (fully sent, summed over holders), versions_committed and
-        versions_dropped (as a holder; dropped: failed verification, incomplete, or no free buffer
-        because a reader held the other one; each logged with its reason), versions_superseded, current_rate_mbps (None: unlimited),
-        lag_steps (latest offered step minus the oldest step fully sent to a live holder),
-        dropped_peers (ranks), peer_errors ({rank: reason}), phase, baseline_step_s, backoffs,
-        floor_limited (back-offs cut short to keep the one-step lag), fence_waits and fence_wait_ms (steps
-        whose optimizer step waited for the previous version to reach its holders, and how long in all)."""
+        """Counters: bytes_sent, versions_sent (summed over holders), versions_committed/_dropped (as a
+        holder; each drop logged with its reason), versions_superseded, current_rate_mbps (None: no limit),
+        lag_steps (latest offered step minus the oldest fully sent to a live holder), dropped_peers,
+        peer_errors ({rank: reason}), phase, baseline_step_s, backoffs, floor_limited (back-offs cut short
+        to keep the one-step lag), fence_waits / fence_wait_ms (optimizer steps that waited for the replica)."""
         with self._lock:
             out: Dict[str, Any] = dict(self._counters)
             out["peer_errors"] = dict(self._peer_errors)
@@ -404,7 +384,6 @@ class ReplicationService:
     def _on_commit(self, src: int, version: Version) -> None:
         with self._lock:
             self._counters["versions_committed"] += 1
-        self._publish()
 
     def _on_bad_version(self, src: int, version: Version, reason: str) -> None:
         with self._lock:
@@ -415,14 +394,3 @@ class ReplicationService:
     def _on_drop(self, peer: int, reason: str) -> None:
         with self._lock:
             self._peer_errors.setdefault(peer, reason)
-
-    def _publish(self) -> None:
-        if self.store is None:
-            return
-        with self._publish_lock:
-            doc = {"holder": self.rank, "generation": self.generation,
-                   "sources": {str(s): [list(v) for v in vs] for s, vs in self.local_inventory().items()}}
-            try:
-                self.store.set(inventory_key(self.generation, self.rank), json.dumps(doc))
-            except Exception as exc:  # the store going away must not kill a receiver
-                logger.warning("replication: publishing the inventory failed: %s", exc)

@@ -11,22 +11,25 @@ chunk count, total bytes, offset, chunk length, FF31 checksum of the chunk) and 
 those fields. Tags depend on the source rank, so the two directions between a pair of ranks and
 the header/data messages never share a tag.
 
-Threads: one `SenderThread` per holder on the source side, one `ReceiverThread` (receiver.py) per
-source on the holder side, and a watchdog in the service. gloo facts this relies on (measured
-with torch 2.13): a send completes only once the peer has posted the matching recv, so a stalled
-receiver blocks its sender; a wait that hits its timeout poisons the whole gloo context ("Application
-timeout caused pair closure" on every pair of the group, other peers included); `Work.is_completed()`
-stays False until someone waits and `get_future()` is not implemented, so an op cannot be polled;
-a blocked wait can be ended neither by `ProcessGroup.abort()` nor by `shutdown()`, only by the
-message, a peer failure or some timeout in the group. Hence every wait here uses IDLE_WAIT (never
-reached), each thread reports the op it is blocked in to an `OpWatch`, and the service's watchdog
-drops a peer whose op overruns `peer_timeout_s`: its thread is abandoned (a daemon, blocked until
-the peer moves or dies) and never talks to that peer again. Sources end streams with a CLOSE
-header; at close, threads still blocked are woken on purpose by `Channel.interrupt_all()`.
+The same headers carry the blocking one-version transfer of direct.py (recovery), with control
+kinds of their own, on tags from DIRECT_TAG_BASE.
+
+Threads: one `SenderThread` (sender.py) per holder on the source side, one `ReceiverThread`
+(receiver.py) per source on the holder side, and a watchdog in the service. gloo facts this relies
+on (measured with torch 2.13): a send completes only once the peer has posted the matching recv, so
+a stalled receiver blocks its sender; a wait that hits its timeout poisons the whole gloo context
+("Application timeout caused pair closure" on every pair of the group, other peers included);
+`Work.is_completed()` stays False until someone waits and `get_future()` is not implemented, so an
+op cannot be polled; a blocked wait can be ended neither by `ProcessGroup.abort()` nor by
+`shutdown()`, only by the message, a peer failure or some timeout in the group. Hence every
+replication wait uses IDLE_WAIT (never reached), each thread reports the op it is blocked in to an
+`OpWatch`, and the service's watchdog drops a peer whose op overruns `peer_timeout_s`: its thread is
+abandoned (a daemon, blocked until the peer moves or dies) and never talks to that peer again.
+Sources end streams with a CLOSE header; at close, threads still blocked are woken on purpose by
+`Channel.interrupt_all()`.
 """
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -35,31 +38,49 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-logger = logging.getLogger("fftrainer_ds.replication")
-
 MAGIC = 0x46465245504C  # "FFREPL"
 KIND_DATA = 1
 KIND_CLOSE = 2
+# direct.py's control messages: every kind of the wire format is defined here, so none is reused
+KIND_REQUEST = 3  # receiver -> holder: send me the version
+KIND_NOT_NEEDED = 4  # receiver -> holder: another holder delivered it
+KIND_OFFER = 5  # holder -> receiver: the version's layout (count, total, chunk size); chunks follow
+KIND_MISSING = 6  # holder -> receiver: the version is no longer held here
+KIND_VERDICT = 7  # receiver -> holder: how many chunks failed verification; their indices follow
 HEADER_LEN = 13
-_P = (1 << 31) - 1
+from ..ops.reference import FF31_PRIME as _P  # noqa: E402 (the check word uses the FF31 prime)
 _TAG_BASE = 1 << 12
+# Above every replication tag (_TAG_BASE + 2 * rank) for worlds under 2**23 ranks, and below
+# gloo's int32 tag limit for worlds under 2**29: the two protocols never match each other's messages.
+DIRECT_TAG_BASE = 1 << 24
 _INTERRUPT_TAG = _TAG_BASE - 1  # never sent: a recv on it only ever times out
 IDLE_WAIT = timedelta(days=30)  # gloo's own timeout, never reached: overruns are the watchdog's job
 
 
-def hdr_tag(src: int) -> int:
-    """Tag of the header messages of source `src`."""
-    return _TAG_BASE + 2 * src
+def hdr_tag(src: int, base: int = _TAG_BASE) -> int:
+    """Tag of the header messages sent by rank `src` (`base`: DIRECT_TAG_BASE for direct.py)."""
+    return base + 2 * src
 
 
-def data_tag(src: int) -> int:
-    """Tag of the data messages of source `src`."""
-    return _TAG_BASE + 2 * src + 1
+def data_tag(src: int, base: int = _TAG_BASE) -> int:
+    """Tag of the data messages sent by rank `src`."""
+    return base + 2 * src + 1
 
 
 def round_chunk_bytes(chunk_bytes: int) -> int:
     """Chunk size rounded down to a multiple of 64 (aligned views for every checksum backend)."""
     return max(64, (int(chunk_bytes) // 64) * 64)
+
+
+def chunk_count(total: int, chunk_bytes: int) -> int:
+    """Chunks of a version of `total` bytes (at least one, so that an empty version has a header)."""
+    return max(1, -(-total // chunk_bytes))
+
+
+def chunk_span(i: int, total: int, chunk_bytes: int) -> Tuple[int, int]:
+    """(offset, length) of chunk i; the last chunk may be short."""
+    offset = i * chunk_bytes
+    return offset, max(0, min(total, offset + chunk_bytes) - offset)
 
 
 class TransportError(RuntimeError):
@@ -142,8 +163,11 @@ class Channel:
     may last as long as the peer stays silent. Thread-safe for one thread per (peer, direction).
     """
 
-    def __init__(self, group) -> None:
+    def __init__(self, group, wait_timeout: Optional[timedelta] = IDLE_WAIT) -> None:
+        """`wait_timeout` None: each wait ends at the group's own timeout (direct.py, where no
+        watchdog runs and a silent peer must not block a recovery for longer than a collective)."""
         self.group = group
+        self.wait_timeout = wait_timeout
 
     def send(self, msgs: List[Tuple[torch.Tensor, int]], dst: int, watch: Optional[OpWatch]) -> None:
         """Post every (tensor, tag) send to dst at once, then wait for all (one round trip)."""
@@ -167,13 +191,15 @@ class Channel:
                     return True
         return False
 
-    @staticmethod
-    def _wait(post: Callable, watch: Optional[OpWatch], desc: str) -> None:
+    def _wait(self, post: Callable, watch: Optional[OpWatch], desc: str) -> None:
         if watch is not None:
             watch.begin(desc)
         try:
             for work in post():
-                work.wait(IDLE_WAIT)
+                if self.wait_timeout is None:
+                    work.wait()
+                else:
+                    work.wait(self.wait_timeout)
         except Exception as exc:  # gloo raises RuntimeError / DistBackendError
             raise TransportError(f"{desc} failed: {exc}") from exc
         finally:
@@ -213,14 +239,21 @@ class OutgoingVersion:
         self.buffer = ref.buffer.reshape(-1)
         self.total = int(self.buffer.numel())
         self.chunk_bytes = chunk_bytes
-        self.count = max(1, -(-self.total // chunk_bytes))
+        self.count = chunk_count(self.total, chunk_bytes)
         self._checksum = checksum
         self._sums: List[Optional[int]] = [None] * self.count
         self._lock = threading.Lock()
         self._refs = 1
 
     def chunk(self, i: int) -> torch.Tensor:
-        return self.buffer[i * self.chunk_bytes:min(self.total, (i + 1) * self.chunk_bytes)]
+        offset, length = chunk_span(i, self.total, self.chunk_bytes)
+        return self.buffer[offset:offset + length]
+
+    def header(self, i: int, src: int, stream_generation: int) -> ChunkHeader:
+        """The KIND_DATA header of chunk i as sent by rank `src`."""
+        offset, length = chunk_span(i, self.total, self.chunk_bytes)
+        return ChunkHeader(KIND_DATA, stream_generation, self.generation, self.step, src, i, self.count,
+                           self.total, offset, length, self.chunk_sum(i))
 
     def chunk_sum(self, i: int) -> int:
         with self._lock:
@@ -238,143 +271,3 @@ class OutgoingVersion:
             last = self._refs == 0
         if last:
             self.ref.release()
-
-
-class SenderThread:
-    """Streams the latest offered version to one holder; one daemon thread per holder.
-
-    Call order: `start()`; `submit(v)` any number of times (a version not yet started is
-    superseded by a newer one; the version being sent is always finished); `stop()` then
-    `join(timeout)`. On a transport failure, or when the watchdog calls `expire()` because a
-    send overran `watch.timeout_s`, the holder is marked dropped (`dropped` holds the reason,
-    `on_drop` is called), the leases are released and nothing is sent to it again; an expired
-    thread stays blocked in gloo until the holder moves or dies. `gate(stop)` blocks while sending
-    is not allowed (window closed, baseline pause) and returns False on stop; `acquire(n, stop)`
-    is the shared rate limiter.
-    """
-
-    def __init__(self, channel: Channel, src: int, dst: int, stream_generation: int, timeout_s: float,
-                 gate: Callable[[threading.Event], bool], acquire: Callable[[int, threading.Event], bool],
-                 hooks: Callable[[], TransportHooks], on_sent: Callable[[int], None],
-                 on_drop: Callable[[int, str], None], on_superseded: Callable[[], None]) -> None:
-        self.channel, self.src, self.dst = channel, src, dst
-        self.stream_generation = stream_generation
-        self.watch = OpWatch(timeout_s)
-        self._gate, self._acquire, self._hooks = gate, acquire, hooks
-        self._on_sent, self._on_drop, self._on_superseded = on_sent, on_drop, on_superseded
-        self._cond = threading.Condition()
-        self._pending: Optional[OutgoingVersion] = None
-        self._current: Optional[OutgoingVersion] = None
-        self._stop = threading.Event()
-        self.dropped: Optional[str] = None
-        self.delivered: Optional[tuple] = None  # (generation, step) of the last fully sent version
-        self.versions_sent = 0
-        self.thread = threading.Thread(target=self._run, name=f"ffrepl-send-{src}->{dst}", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def submit(self, v: OutgoingVersion) -> bool:
-        """Queue v (taking a reference); False if this holder is dropped or stopping."""
-        with self._cond:
-            if self.dropped is not None or self._stop.is_set():
-                return False
-            v.add_ref()
-            old, self._pending = self._pending, v
-            self._cond.notify_all()
-        if old is not None:
-            old.unref()
-            self._on_superseded()
-        return True
-
-    def idle(self) -> bool:
-        with self._cond:
-            return self._pending is None and self._current is None
-
-    def stop(self) -> None:
-        self._stop.set()
-        with self._cond:
-            self._cond.notify_all()
-
-    def join(self, timeout_s: float) -> bool:
-        self.thread.join(timeout_s)
-        return not self.thread.is_alive()
-
-    def expire(self) -> None:
-        """Watchdog: the current send overran its deadline."""
-        self._drop(f"{self.watch.desc} made no progress for {self.watch.timeout_s:g} s (holder stalled)")
-
-    def _next(self) -> Optional[OutgoingVersion]:
-        with self._cond:
-            while self._pending is None and not self._stop.is_set() and self.dropped is None:
-                self._cond.wait(0.5)
-            if self._stop.is_set() or self.dropped is not None:
-                return None
-            self._current, self._pending = self._pending, None
-            return self._current
-
-    def _release(self) -> None:
-        """Give back the leases this sender holds (idempotent; the thread or the watchdog)."""
-        with self._cond:
-            held = [v for v in (self._current, self._pending) if v is not None]
-            self._current = self._pending = None
-        for v in held:
-            v.unref()
-
-    def _run(self) -> None:
-        try:
-            while True:
-                v = self._next()
-                if v is None:
-                    break
-                self._send_version(v)
-                with self._cond:
-                    done, self._current = self._current, None
-                if done is not None:
-                    done.unref()
-        except TransportError as exc:
-            self._drop(str(exc))
-        except Exception as exc:  # a bug or an injected fault: drop, never kill the process
-            logger.exception("replication sender %d->%d failed", self.src, self.dst)
-            self._drop(f"sender thread failed: {exc!r}")
-        finally:
-            self._release()
-        if self.dropped is None:
-            self._send_close()
-
-    def _send_version(self, v: OutgoingVersion) -> None:
-        for i in range(v.count):
-            if not self._gate(self._stop):
-                return
-            data = v.chunk(i)
-            if not self._acquire(int(data.numel()), self._stop):
-                return
-            h = ChunkHeader(KIND_DATA, self.stream_generation, v.generation, v.step, self.src, i, v.count,
-                            v.total, i * v.chunk_bytes, int(data.numel()), v.chunk_sum(i))
-            data = self._hooks().before_send(self.dst, h, data)
-            self.channel.send([(h.encode(), hdr_tag(self.src)), (data, data_tag(self.src))], self.dst, self.watch)
-            if self.dropped is not None:  # expired while blocked: the holder is gone for good
-                return
-            self._on_sent(int(data.numel()))
-        self.delivered = (v.generation, v.step)
-        self.versions_sent += 1
-
-    def _send_close(self) -> None:
-        h = ChunkHeader(KIND_CLOSE, self.stream_generation, 0, 0, self.src, 0, 0, 0, 0, 0, 0)
-        try:
-            self.channel.send([(h.encode(), hdr_tag(self.src))], self.dst, self.watch)
-        except TransportError as exc:
-            logger.info("replication: CLOSE to rank %d not delivered (%s)", self.dst, exc)
-
-    def _drop(self, reason: str) -> None:
-        with self._cond:
-            if self.dropped is not None:
-                return
-            self.dropped = reason
-            self._cond.notify_all()
-        self._release()
-        if self._stop.is_set():  # woken by close(): not a peer failure
-            logger.info("replication: sender to rank %d ended at close: %s", self.dst, reason)
-            return
-        logger.warning("replication: dropping holder rank %d of source rank %d: %s", self.dst, self.src, reason)
-        self._on_drop(self.dst, reason)

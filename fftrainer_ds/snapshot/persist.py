@@ -1,6 +1,8 @@
 """Write committed snapshots to disk in the background: one file per rank, atomically renamed.
 
-Writer threads are non-daemon, so a normal interpreter exit waits for pending writes.
+Writer threads are non-daemon, so a normal interpreter exit waits for pending writes. This module
+owns the on-disk layout: `<dir>/rankNNNNN.ffsnap` per rank, and under `persist_dir` one directory
+per persisted step, `step{step:08d}/` (`step_dir`, `persisted_steps`).
 """
 from __future__ import annotations
 
@@ -15,8 +17,29 @@ from .pool import SnapshotRef
 logger = logging.getLogger("fftrainer_ds")
 
 
+_STEP_PREFIX = "step"
+
+
 def rank_file(directory: str, rank: int) -> str:
     return os.path.join(directory, f"rank{rank:05d}.ffsnap")
+
+
+def step_dir(persist_dir: str, step: int) -> str:
+    """The directory of the snapshots persisted at `step` under `persist_dir`."""
+    return os.path.join(persist_dir, f"{_STEP_PREFIX}{step:08d}")
+
+
+def persisted_steps(persist_dir: Optional[str], rank: int) -> List[int]:
+    """Steps under `persist_dir` that hold a complete file of `rank` (writes are atomic renames)."""
+    if not persist_dir or not os.path.isdir(persist_dir):
+        return []
+    out = []
+    for name in os.listdir(persist_dir):
+        digits = name[len(_STEP_PREFIX):]
+        if name.startswith(_STEP_PREFIX) and digits.isdigit() and \
+                os.path.exists(rank_file(os.path.join(persist_dir, name), rank)):
+            out.append(int(digits))
+    return sorted(out)
 
 
 def _write(ref: SnapshotRef, path: str) -> None:
@@ -78,5 +101,3 @@ def resolve(path: str, rank: int) -> str:
     """A directory written by persist() (-> this rank's file) or a snapshot file itself."""
     return rank_file(path, rank) if os.path.isdir(path) else path
 
-
-__all__ = ["Persister", "rank_file", "read_file", "resolve", "Optional"]

@@ -124,7 +124,7 @@ class LaunchedJob:
     def progress(self, rank: int) -> int:
         s = self.store()
         key = P.progress_key(rank)
-        return int(P.loads(s.get(key))["step"]) if s.check([key]) else 0
+        return P.Progress.from_json(s.get(key)).step if s.check([key]) else 0
 
     def wait_step(self, rank: int, step: int, timeout_s: float = 120) -> None:
         self._until(lambda: self.progress(rank) >= step, timeout_s, f"rank {rank} to reach step {step}")
@@ -140,7 +140,7 @@ class LaunchedJob:
             if rs.pid:
                 return rs.pid
             key = P.slot_key(rs.slot)
-            return P.loads(self.store().get(key))["pid"] if self.store().check([key]) else None
+            return P.SlotInfo.from_json(self.store().get(key)).pid if self.store().check([key]) else None
         return self._until(lookup, 30, f"pid of rank {rank}")
 
     # ---- faults -----------------------------------------------------------------------------

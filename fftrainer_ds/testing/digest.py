@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 
 import torch
-from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
 from ..ds import adapter as ds_adapter
 
@@ -22,14 +21,6 @@ def model_digest(engine) -> str:
 
     for name, p in engine.module.named_parameters():
         h.update(name.encode())
-        if ds_adapter.zero_stage(engine) == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([p]):
-                add(p.data)
-        else:
-            add(p.data)
-        add(safe_get_full_fp32_param(p))
-        add(safe_get_full_optimizer_state(p, "exp_avg"))
-        add(safe_get_full_optimizer_state(p, "exp_avg_sq"))
+        for t in ds_adapter.full_state_tensors(engine, p):
+            add(t)
     return h.hexdigest()

@@ -77,6 +77,16 @@ def run_ranks(target: str, world_size: int, kwargs: Optional[Dict[str, Any]] = N
                 os.killpg(p.pid, signal.SIGKILL)
         for p in procs:
             p.wait()
+    results = _collect(procs, logs, tmp)
+    del store
+    if expect_success and (failed or any(r.returncode != 0 for r in results)):
+        tails = "\n".join(f"--- rank {r.rank} (rc={r.returncode}) ---\n{r.log[-4000:]}" for r in results)
+        raise RuntimeError(f"run_ranks({target}) failed or timed out after {timeout_s}s:\n{tails}")
+    return results
+
+
+def _collect(procs, logs, tmp: str) -> List[RankResult]:
+    """Each rank's exit code, its result (pickled by the child; the parent's own temp dir) and log."""
     results = []
     for rank, (p, log) in enumerate(zip(procs, logs)):
         log.seek(0)
@@ -88,10 +98,6 @@ def run_ranks(target: str, world_size: int, kwargs: Optional[Dict[str, Any]] = N
             with open(path, "rb") as f:
                 value = pickle.load(f)
         results.append(RankResult(rank, p.returncode, value, text))
-    del store
-    if expect_success and (failed or any(r.returncode != 0 for r in results)):
-        tails = "\n".join(f"--- rank {r.rank} (rc={r.returncode}) ---\n{r.log[-4000:]}" for r in results)
-        raise RuntimeError(f"run_ranks({target}) failed or timed out after {timeout_s}s:\n{tails}")
     return results
 
 

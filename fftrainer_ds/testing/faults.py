@@ -1,7 +1,9 @@
 """Fault injection for the replication transport (for tests, ours and users').
 
 Install on one rank's `ReplicationService` and add rules; the rules run inside that rank's
-transport threads:
+transport threads (or pass a `ReplicationFaults()` as the `hooks` of a recovery
+`failover.recovery.transfer`, where they run in the calling thread; there the receiver faults act
+before each chunk header recv):
 
     f = faults.install(svc)
     f.corrupt_chunk(dst=1, step=3, chunk_index=1)   # flip a byte of that chunk on the wire
@@ -40,11 +42,13 @@ class _Rule:
 
 
 class ReplicationFaults(TransportHooks):
-    """The hooks object holding the rules; counters say what fired."""
+    """The hooks object holding the rules; counters say what fired, and how many chunks passed."""
 
     def __init__(self) -> None:
         self._rules: List[_Rule] = []
         self._lock = threading.Lock()
+        self.sent = 0  # chunks put on the wire by this rank, re-sends included
+        self.received = 0  # chunks read by this rank, before verification
         self.corrupted = 0
         self.stalled = 0
         self.killed = 0
@@ -80,6 +84,8 @@ class ReplicationFaults(TransportHooks):
 
     # ---- TransportHooks ----
     def before_send(self, dst: int, header: ChunkHeader, data: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            self.sent += 1
         if self._take("corrupt", dst, header) is None:
             return data
         bad = data.clone()
@@ -96,6 +102,10 @@ class ReplicationFaults(TransportHooks):
         if self._take("kill", src) is not None:
             self.killed += 1
             raise InjectedFault(f"injected fault: receiver thread of source {src} killed")
+
+    def after_recv(self, src: int, header: ChunkHeader, data: torch.Tensor) -> None:
+        with self._lock:
+            self.received += 1
 
 
 def install(service) -> ReplicationFaults:

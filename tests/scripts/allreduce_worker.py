@@ -49,7 +49,7 @@ last_done, has_state = -1, False
 
 def regroup(g):
     """Form generation g's group (or a newer one) and agree on the step to resume from."""
-    while True:
+    for _ in range(membership.MAX_FORM_ATTEMPTS):  # bounded like Agent.recover
         try:
             agent.rebuild_default_group(g, "gloo")
             vals = agent.allgather("resume", last_done if has_state else None)
@@ -65,6 +65,7 @@ def regroup(g):
         except RecoverableError as err:
             record("error", gen=g, err=str(err)[:200])
             g = agent.wait_for_generation(after=g)
+    raise RuntimeError(f"no group formed in {membership.MAX_FORM_ATTEMPTS} generations")
 
 
 step = regroup(agent.generation)
