@@ -74,9 +74,9 @@ def bandwidth(total_gb: float, reps: int):
     rows["pinned D2H copy_ (one buffer) = limit"] = timed(d2h_contiguous, reps)
     rows["per-segment copy_ D2H (no checksum)"] = timed(naive, reps)
     try:
-        from fftrainer_ds import _C
+        from fftrainer_ds.ops import native
 
-        have_cuda = _C.has_cuda()
+        have_cuda = native.load().has_cuda()
     except ImportError:
         have_cuda = False
     if have_cuda:

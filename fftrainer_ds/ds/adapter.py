@@ -167,25 +167,26 @@ def release_groups() -> None:
         dist.destroy_process_group()
 
 
-def dismantle_engine(engine) -> None:
-    """Remove DeepSpeed's hooks and group references from a dead generation's engine and module.
+def dismantle_engine(engine, keep: Dict[str, Any]) -> None:
+    """Remove DeepSpeed's hooks and group references from a dead generation's engine and module, then
+    forget every attribute of the engine but `keep` (all the rest is DeepSpeed's).
 
     Objects the user may still hold (the last loss and its autograd graph reach the parameters)
     must not keep the old process group alive: its sockets close only with its last reference.
     """
-    if "optimizer" not in engine.__dict__:  # released already, or never built
-        return
-    module = engine.__dict__.get("_modules", {}).get("module")
-    try:
-        DeepSpeedEngine.destroy(engine)  # removes the optimizer's gradient hooks
-    except Exception:  # a half-broken engine: dropping the references below is what matters
-        pass
-    if module is not None:
-        for p in module.parameters():
+    if "optimizer" in engine.__dict__:  # not released already
+        module = engine.__dict__.get("_modules", {}).get("module")
+        try:
+            DeepSpeedEngine.destroy(engine)  # removes the optimizer's gradient hooks
+        except Exception:  # a half-broken engine: dropping the references below is what matters
+            pass
+        for p in module.parameters() if module is not None else ():
             for attr in ("ds_process_group", "_hp_mapping"):
                 if hasattr(p, attr):
                     setattr(p, attr, None)
             p.grad = None
+    engine.__dict__.clear()
+    engine.__dict__.update(keep)
 
 
 def reset_zero3_counters() -> None:
@@ -198,8 +199,9 @@ def reset_zero3_counters() -> None:
     DeepSpeedZeRoOffload._register_deepspeed_module.__defaults__[0][0] = 0
 
 
-def reinit_engine(engine, init_kwargs: Dict[str, Any]) -> None:
-    """Run DeepSpeedEngine.__init__ again on the same object (new groups, fresh module in kwargs)."""
+def reinit_engine(engine, init_kwargs: Dict[str, Any], keep: Dict[str, Any]) -> None:
+    """Run DeepSpeedEngine.__init__ again on the same object (new groups, fresh module in kwargs);
+    the attributes in `keep` (not DeepSpeed's) are put back afterwards."""
     from deepspeed import zero
 
     reset_zero3_counters()
@@ -209,6 +211,7 @@ def reinit_engine(engine, init_kwargs: Dict[str, Any]) -> None:
     DeepSpeedEngine.__init__(engine, **init_kwargs)
     zero.partition_parameters.restore_init_context()
     engine._configure_python_gc()
+    engine.__dict__.update(keep)
 
 
 def module_buffers(engine) -> Dict[str, torch.Tensor]:

@@ -203,9 +203,9 @@ class RecoveryController:
     # ---- both -------------------------------------------------------------------------------
     def exchange_and_restore(self, engine, tl: RecoveryTimeline) -> Plan:
         """On the new generation: agree on the recovery step, move shards, restore (collective)."""
-        rt, rank = engine.ff_runtime, engine.global_rank
-        mine = RankInfo(rank, tl.replacement, [] if tl.replacement else rt.own_steps(),
-                        {} if tl.replacement else rt.held_replica_steps(),
+        runtime, rank = engine.ff_runtime, engine.global_rank
+        mine = RankInfo(rank, tl.replacement, [] if tl.replacement else runtime.own_steps(),
+                        {} if tl.replacement else runtime.held_replica_steps(),
                         persisted_steps(engine.ff_config.persist_dir, rank))
         infos = gather_infos(mine)
         if all(not i.own_steps and not i.held and not i.disk_steps for i in infos):
@@ -213,7 +213,7 @@ class RecoveryController:
         else:
             plan = plan_recovery(infos, engine.world_size)
         tl.mark(Phase.PLANNED)
-        data = transfer(plan, rank, rt.lease_replica) if plan.source else None
+        data = transfer(plan, rank, runtime.lease_replica) if plan.source else None
         tl.mark(Phase.TRANSFERRED)
         if plan.source:
             self._restore(engine, plan, data)
@@ -229,18 +229,18 @@ class RecoveryController:
 
     @staticmethod
     def _restore(engine, plan: Plan, data) -> None:
-        rt = engine.ff_runtime
+        runtime = engine.ff_runtime
         kind, _ = plan.source[engine.global_rank]
         if kind is Source.OWN:
-            ref = rt.lease_own(plan.step)
+            ref = runtime.lease_own(plan.step)
             try:
-                rt.restore(engine, ref)
+                runtime.restore(engine, ref)
             finally:
                 ref.release()
         elif kind is Source.DISK:
-            rt.restore_from_disk(engine, plan.step)
+            runtime.restore_from_disk(engine, plan.step)
         else:
-            rt.restore(engine, data)
+            runtime.restore(engine, data)
 
     def _finish_timeline(self, engine) -> None:
         tl, self._pending = self._pending, None

@@ -90,9 +90,7 @@ def release_engine(engine, keep: Dict[str, Any]) -> None:
     so its sockets stay open until the process exits; a live peer blocked in an old collective then
     wakes only at its collective timeout. A full gc.collect() here cost 0.1-0.5 s and freed nothing.)
     """
-    ds_adapter.dismantle_engine(engine)
-    engine.__dict__.clear()
-    engine.__dict__.update(keep)
+    ds_adapter.dismantle_engine(engine, keep)
     ds_adapter.release_groups()
 
 
@@ -100,5 +98,4 @@ def rebuild_in_place(engine, spec: RebuildSpec, keep: Dict[str, Any]) -> None:
     """Construct DeepSpeed's engine again on `engine` over the current default process group."""
     module = spec.take_module()
     kwargs = dict(spec.kwargs, model=module, model_parameters=spec.model_parameters(module), training_data=None)
-    ds_adapter.reinit_engine(engine, kwargs)
-    engine.__dict__.update(keep)  # DeepSpeed's __init__ knows nothing of these
+    ds_adapter.reinit_engine(engine, kwargs, keep)

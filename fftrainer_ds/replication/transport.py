@@ -48,7 +48,7 @@ KIND_OFFER = 5  # holder -> receiver: the version's layout (count, total, chunk 
 KIND_MISSING = 6  # holder -> receiver: the version is no longer held here
 KIND_VERDICT = 7  # receiver -> holder: how many chunks failed verification; their indices follow
 HEADER_LEN = 13
-from ..ops.reference import FF31_PRIME as _P  # noqa: E402 (the check word uses the FF31 prime)
+from ..ops.reference import FF31_PRIME  # noqa: E402 (the check word uses the FF31 prime)
 _TAG_BASE = 1 << 12
 # Above every replication tag (_TAG_BASE + 2 * rank) for worlds under 2**23 ranks, and below
 # gloo's int32 tag limit for worlds under 2**29: the two protocols never match each other's messages.
@@ -128,7 +128,7 @@ class ChunkHeader:
 
 
 def _check(fields: List[int]) -> int:
-    return sum((i + 1) * (v % _P) for i, v in enumerate(fields)) % _P
+    return sum((i + 1) * (v % FF31_PRIME) for i, v in enumerate(fields)) % FF31_PRIME
 
 
 class OpWatch:

@@ -85,10 +85,6 @@ class SnapshotPool:
         self._committed: Optional[_Slot] = None
         self._cv = threading.Condition()
 
-    @property
-    def host_bytes(self) -> int:
-        return sum(s.buffer.numel() for s in self._slots)
-
     def writable(self, nbytes: int, timeout_s: float = 600.0) -> _Slot:
         """A slot of at least nbytes that is neither committed nor leased (allocating if needed).
 
