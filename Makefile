@@ -2,11 +2,11 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.fftrainer-installed
-NATIVE  := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu) setup.py
+NATIVE  := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu) setup.py Makefile
 # torch first (the CPU wheel on local disk), then DeepSpeed and the rest, then our package built
 # against that torch without build isolation (isolation would fetch another torch).
 DEPS    := deepspeed==0.19.8 "pydantic>=2" ninja pybind11 numpy psutil tqdm matplotlib \
-           pytest pytest-timeout hypothesis
+           pytest pytest-timeout hypothesis triton==3.9.0
 
 .PHONY: install demo test bench clean
 

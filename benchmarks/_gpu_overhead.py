@@ -1,262 +1,286 @@
-"""GPU snapshot overhead (`python benchmarks/snapshot_overhead.py --device cuda` dispatches here).
+"""GPU step overhead of per-step snapshots, through `fftrainer_ds.initialize` and the wired runtime.
 
-A 735M-parameter GPT (12 layers, d=2048, vocab 32000, seq 1024, micro-batch 8), ZeRO-2 bf16 on one
-GPU, built through `fftrainer_ds.initialize` (no "fast_failover" section: the benchmark drives the
-snapshots itself) or plain `deepspeed.initialize`. The snapshot is a shard fraction of the rank's
-fp32 master + Adam state (1/16, 1/4, 1: what one rank of a 16-, 4- or 1-way ZeRO-2 job holds;
-1/16 = 0.55 GB, 1/4 = 2.2 GB), taken after every optimizer step and fenced before the next one.
+A 735M-parameter GPT (12 layers, d=2048, vocab 32000, seq 1024, micro-batch 8), bf16, ZeRO-2 or
+ZeRO-3, one GPU, built by `fftrainer_ds.initialize` with a "fast_failover" section; the loop is the
+documented user loop (`engine(batch)`, `engine.backward`, `engine.step`). The runtime picks the CUDA
+stream packer because the shard is on the GPU and runs the engine's hooks inside no_device_sync:
+nothing here drives a packer by hand. Two states per stage:
+- shard16:    snapshot_interval_steps 1, each snapshot trimmed to the first 1/16 of every large
+              captured tensor (0.55 GB: what one rank of a 16-way ZeRO job holds). The trimming is
+              the benchmark's only intervention: a wrapper of ds/state.capture (the bytes a
+              16-rank shard would pack, on one GPU); such snapshots are never restored.
+- whole-auto: the whole state of the rank (8.8 GB), snapshot_interval_steps "auto" (1 % budget):
+              the interval the policy settles on is the RPO, printed.
+Each state: warm-up, then `--pairs` (>= 3) pairs of blocks with snapshots paused / on, in
+alternating order; a block is one untimed lead-in step, then `--block` timed steps (host clock from
+a compute-stream sync to a compute-stream sync, so each timed step overlaps exactly the pack of the
+step before it). Overhead = median over pairs of (on / off - 1). Device-wide synchronizes inside
+the timed steps are counted (expected: 0).
 
-Variants, each paired with plain training (no snapshot) in alternating blocks; the overhead is the
-median of the per-pair ratios:
-- naive:          per-tensor `copy_` to pinned memory on a side stream (DeepSpeed's device-wide
-                  synchronizes wait for it: the +8.9 % case)
-- naive+nosync:   the same inside `no_device_sync` (DeepSpeed's syncs wait for the current stream)
-- packer-mapped:  CudaPacker, kernel writing mapped pinned memory, inside `no_device_sync`
-- packer-staged:  CudaPacker through a 2 x 64 MiB device ring, inside `no_device_sync`
-- packer-mapped+prio: packer-mapped with training on a priority -1 stream (pack at 0, the lowest)
-- nosync-only:    no snapshot, inside `no_device_sync` (what removing the syncs alone changes)
-Also counts DeepSpeed's device-wide synchronizes per step with and without `no_device_sync`.
-Env: FFTRAINER_GPU_PAIRS (4), FFTRAINER_GPU_BLOCK (5 steps), FFTRAINER_GPU_FRACTIONS ("16,4,1").
-Results: $OUT/gpu_overhead.json and .md.
+    python benchmarks/_gpu_overhead.py --stage 2 [--states shard16 whole-auto] [--pairs 3] [--out DIR]
+    python benchmarks/_gpu_overhead.py --dry-run      # the plan and configs, no GPU needed
+Results: one JSON line per state appended to $OUT/gpu_overhead.jsonl, and $OUT/gpu_overhead.md.
+`python benchmarks/snapshot_overhead.py --device cuda` runs `run_gpu` (both states, its --stage).
 """
 from __future__ import annotations
 
-import contextlib
+import argparse
+import gc
 import json
 import os
 import statistics
 import sys
 import time
-from typing import Dict, List
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Union
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 MODEL = dict(vocab=32000, d=2048, layers=12, heads=16, seq=1024, dropout=0.0)
 MICRO_BATCH = 8
+BUDGET_PCT = 1.0
+TRIM_MIN_ELEMS = 1 << 20  # tensors this large are trimmed in shard16 (partitions, moments)
 
 
-class NaiveCopy:
-    """Per-tensor copy_ into pinned memory on a side stream at the lowest priority."""
-
-    def __init__(self):
-        import torch
-
-        self.torch = torch
-        self.stream = torch.cuda.Stream(priority=0)
-        self.done = None
-
-    def start(self, dst, srcs, offsets):
-        torch = self.torch
-        ready = torch.cuda.Event()
-        ready.record()
-        self.stream.wait_event(ready)
-        with torch.cuda.stream(self.stream):
-            for s, off in zip(srcs, offsets):
-                n = s.numel() * s.element_size()
-                dst[off:off + n].copy_(s.reshape(-1).view(torch.uint8), non_blocking=True)
-        self.done = torch.cuda.Event()
-        self.done.record(self.stream)
-
-    def fence(self):
-        if self.done is not None:
-            self.torch.cuda.current_stream().wait_event(self.done)
-
-    def result(self):
-        if self.done is not None:
-            self.done.synchronize()
-            self.done = None
+@dataclass(frozen=True)
+class State:
+    name: str
+    fraction: float                      # of each large captured tensor that is packed
+    interval: Union[int, str]            # snapshot_interval_steps
+    warmup_steps: int
 
 
-class PackerAdapter:
-    def __init__(self, **kw):
-        from fftrainer_ds.ops.cuda_packer import CudaPacker
-
-        self.p = CudaPacker(**kw)
-        self.active = False
-
-    def start(self, dst, srcs, offsets):
-        self.p.start(dst, srcs, offsets)
-        self.active = True
-
-    def fence(self):
-        self.p.fence()
-
-    def result(self):
-        if self.active:
-            self.p.result()
-            self.active = False
+STATES = {"shard16": State("shard16", 1 / 16, 1, 6), "whole-auto": State("whole-auto", 1.0, "auto", 14)}
 
 
-def build_engine():
+def ff_section(state: State) -> Dict:
+    return {"snapshot_interval_steps": state.interval, "snapshot_overhead_budget_pct": BUDGET_PCT,
+            "replication_factor": 0, "max_snapshot_buffers": 2}
+
+
+def ds_cfg(stage: int, state: State) -> Dict:
+    from fftrainer_ds.testing.models import ds_config
+
+    cfg = ds_config(stage, "bf16", micro_batch=MICRO_BATCH, fast_failover=ff_section(state))
+    cfg["zero_optimization"].update({"overlap_comm": True, "contiguous_gradients": True})
+    cfg["steps_per_print"] = 1 << 30
+    return cfg
+
+
+def trim_captures(fraction: float) -> None:
+    """shard16: every capture packs the first `fraction` of each large tensor (see the module doc)."""
+    from fftrainer_ds.ds import state as ds_state
+
+    original = getattr(ds_state.capture, "__wrapped__", ds_state.capture)
+    if fraction >= 1.0:
+        ds_state.capture = original
+        return
+
+    def capture(*args, **kwargs):
+        cap = original(*args, **kwargs)
+        cap.tensors = [t.reshape(-1)[:max(1, int(t.numel() * fraction))] if t.numel() >= TRIM_MIN_ELEMS else t
+                       for t in cap.tensors]
+        return cap
+
+    capture.__wrapped__ = original
+    ds_state.capture = capture
+
+
+def setup_process() -> None:
     import torch
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
     for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
         os.environ.setdefault(k, v)
-    from fftrainer_ds.testing.models import TinyGPT, ds_config
+    torch.cuda.set_device(0)
 
+
+def build_engine(stage: int, state: State):
+    import torch
+
+    import fftrainer_ds
+    from fftrainer_ds.testing.models import TinyGPT
+
+    trim_captures(state.fraction)
     torch.manual_seed(0)
     model = TinyGPT(**MODEL)
-    cfg = ds_config(2, "bf16", micro_batch=MICRO_BATCH)
-    cfg["zero_optimization"].update({"overlap_comm": True, "contiguous_gradients": True})
-    cfg["steps_per_print"] = 1 << 30
-    cfg.pop("fast_failover", None)
-    try:
-        import fftrainer_ds
-        from fftrainer_ds.ds import adapter as ds_adapter
-
-        ds_adapter.skip_shm_comm_build()
-        engine = fftrainer_ds.initialize(model=model, model_parameters=model.parameters(), config=cfg)[0]
-        via = "fftrainer_ds.initialize"
-    except ImportError:
-        import deepspeed
-
-        engine = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)[0]
-        via = "deepspeed.initialize"
-    params = sum(p.numel() for p in model.parameters())
-    return engine, via, params
+    engine = fftrainer_ds.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg(stage, state))[0]
+    return engine, sum(p.numel() for p in model.parameters())
 
 
-def shard_tensors(engine, fraction: float):
-    """The first `fraction` of each fp32 flat partition and its Adam moments (live device tensors)."""
-    zo = engine.optimizer
-    out = []
-    for flat in zo.single_partition_of_fp32_groups:
-        st = zo.optimizer.state[flat]
-        for t in (flat, st["exp_avg"], st["exp_avg_sq"]):
-            t = t.detach().reshape(-1)
-            out.append(t[:max(1, int(t.numel() * fraction))])
-    return out
+class DeviceSyncs:
+    """Counts torch.cuda.synchronize calls (DeepSpeed's accelerator calls it by name) while active."""
+
+    def __init__(self):
+        import torch
+
+        self.torch, self.count, self.active = torch, 0, False
+        self._orig = torch.cuda.synchronize
+
+        def counting(*args, **kwargs):
+            self.count += self.active
+            return self._orig(*args, **kwargs)
+
+        torch.cuda.synchronize = counting
+
+    def close(self) -> None:
+        self.torch.cuda.synchronize = self._orig
 
 
-def run_gpu(args) -> Dict:
+def drain(engine) -> None:
+    """Everything queued, and the last pack committed: blocks start from the same place."""
     import torch
 
-    from fftrainer_ds.ds.sync import count_device_syncs, deepspeed_streams, no_device_sync
+    torch.cuda.synchronize()
+    ref = engine.latest_snapshot()
+    if ref is not None:
+        ref.release()
 
-    out_dir = os.environ.get("OUT", ".")
-    pairs = int(os.environ.get("FFTRAINER_GPU_PAIRS", "4"))
-    block = int(os.environ.get("FFTRAINER_GPU_BLOCK", "5"))
-    fractions = [1.0 / int(x) for x in os.environ.get("FFTRAINER_GPU_FRACTIONS", "16,4,1").split(",")]
 
-    engine, via, params = build_engine()
+def one_step(engine, batch) -> None:
+    loss = engine(batch)
+    engine.backward(loss)
+    engine.step()
+
+
+def run_block(engine, batch, steps: int, paused: bool, syncs: DeviceSyncs) -> float:
+    """Seconds per step of `steps` timed steps after one untimed lead-in step (module doc)."""
+    import torch
+
+    engine.snapshots_paused = paused
+    drain(engine)
+    one_step(engine, batch)
+    stream = torch.cuda.current_stream()
+    stream.synchronize()
+    syncs.active = True
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        one_step(engine, batch)
+    stream.synchronize()
+    dt = time.perf_counter() - t0
+    syncs.active = False
+    return dt / steps
+
+
+def measure(engine, batch, state: State, pairs: int, block: int, syncs: DeviceSyncs) -> Dict:
+    engine.snapshots_paused = True
+    for _ in range(3):  # Adam state, allocator, kernels
+        one_step(engine, batch)
+    engine.snapshots_paused = False
+    for _ in range(state.warmup_steps):  # pool slots pinned once; "auto" measures and settles
+        one_step(engine, batch)
+    interval = engine.snapshot_stats()["snapshot_interval_steps"]
+    steps = max(block, min(int(interval), 30))  # an "auto" block holds one snapshot up to an RPO of 30 steps
+    off, on = [], []
+    syncs.count = 0
+    taken = engine.snapshot_stats()["snapshots"]
+    for i in range(pairs):
+        for paused in ((True, False) if i % 2 == 0 else (False, True)):
+            (off if paused else on).append(run_block(engine, batch, steps, paused, syncs))
+    drain(engine)
+    ratios = [b / a - 1 for a, b in zip(off, on)]
+    return {"off": off, "on": on, "block_steps": steps, "overhead_pct": 100 * statistics.median(ratios),
+            "snapshots_per_on_block": (engine.snapshot_stats()["snapshots"] - taken) / pairs,
+            "step_ms_off": 1e3 * statistics.median(off), "step_ms_on": 1e3 * statistics.median(on),
+            "device_syncs_per_timed_step": syncs.count / (2 * pairs * steps)}
+
+
+def run_state(stage: int, state: State, pairs: int, block: int, out_dir: str) -> Dict:
+    import torch
+
+    engine, params = build_engine(stage, state)
     batch = torch.randint(0, MODEL["vocab"], (MICRO_BATCH, MODEL["seq"] + 1), device="cuda")
-    ds_streams = deepspeed_streams(engine.optimizer)
-    hi = torch.cuda.Stream(priority=-1)
-
-    def one_step():
-        loss = engine(batch)
-        engine.backward(loss)
-        engine.step()
-
-    for _ in range(3):  # warm-up; creates the Adam state
-        one_step()
-    torch.cuda.synchronize()
-
-    from deepspeed.accelerator import get_accelerator
-
-    acc = get_accelerator()
-    with count_device_syncs(acc) as plain:
-        for _ in range(3):
-            one_step()
-    with no_device_sync(ds_streams), count_device_syncs(acc) as patched:
-        for _ in range(3):
-            one_step()
-    torch.cuda.synchronize()
-    syncs = {"device_syncs_per_step_plain": plain[0] / 3, "patched_syncs_per_step_in_no_device_sync": patched[0] / 3}
-
-    full = shard_tensors(engine, 1.0)
-    full_bytes = sum(t.numel() * t.element_size() for t in full)
-    pinned = torch.empty(full_bytes + 64 * len(full) + 64, dtype=torch.uint8, pin_memory=True)
-
-    def run_block(snap, nosync: bool, prio: bool, srcs, offsets) -> float:
-        cm_sync = no_device_sync(ds_streams) if nosync else contextlib.nullcontext()
-        cm_stream = torch.cuda.stream(hi) if prio else contextlib.nullcontext()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with cm_sync, cm_stream:
-            for _ in range(block):
-                loss = engine(batch)
-                engine.backward(loss)
-                if snap is not None:
-                    snap.fence()
-                engine.step()
-                if snap is not None:
-                    snap.result()
-                    snap.start(pinned, srcs, offsets)
-            if snap is not None:
-                snap.fence()  # the last pack counts too
-            torch.cuda.current_stream().synchronize()
-        dt = (time.perf_counter() - t0) / block
-        if snap is not None:
-            snap.result()
-        return dt
-
-    variants = {
-        "naive": (NaiveCopy, False, False),
-        "naive+nosync": (NaiveCopy, True, False),
-        "packer-mapped": (lambda: PackerAdapter(mode="mapped"), True, False),
-        "packer-staged": (lambda: PackerAdapter(mode="staged", staging_bytes=64 << 20, staging_slots=2), True, False),
-        "packer-mapped+prio": (lambda: PackerAdapter(mode="mapped"), True, True),
-        "nosync-only": (None, True, False),
-    }
-    results: List[Dict] = []
-    for frac in fractions:
-        srcs = shard_tensors(engine, frac)
-        offsets, o = [], 0
-        for s in srcs:
-            offsets.append(o)
-            o += (s.numel() * s.element_size() + 63) // 64 * 64
-        nbytes = sum(s.numel() * s.element_size() for s in srcs)
-        for name, (factory, nosync, prio) in variants.items():
-            try:
-                snap = factory() if factory is not None else None
-            except ImportError as exc:
-                results.append({"fraction": frac, "variant": name, "error": str(exc)})
-                continue
-            except Exception as exc:  # one variant failing must not lose the others
-                results.append({"fraction": frac, "variant": name, "error": repr(exc)})
-                continue
-            run_block(snap, nosync, prio, srcs, offsets)  # warm-up of this variant
-            off, on = [], []
-            for i in range(pairs):
-                order = (False, True) if i % 2 == 0 else (True, False)
-                for with_snap in order:
-                    if with_snap:
-                        on.append(run_block(snap, nosync, prio, srcs, offsets))
-                    else:
-                        off.append(run_block(None, False, False, srcs, offsets))
-            ratios = [b / a - 1 for a, b in zip(off, on)]
-            row = {"fraction": frac, "snapshot_gb": nbytes / 1e9, "variant": name,
-                   "step_ms_off": 1e3 * statistics.median(off), "step_ms_on": 1e3 * statistics.median(on),
-                   "overhead_pct": 100 * statistics.median(ratios), "pairs": pairs, "block_steps": block}
-            results.append(row)
-            print(f"1/{round(1 / frac)} {nbytes / 1e9:.2f} GB {name:<20} off {row['step_ms_off']:.1f} ms  "
-                  f"on {row['step_ms_on']:.1f} ms  overhead {row['overhead_pct']:+.2f}%", flush=True)
-            write(out_dir, via, params, syncs, results)
-    write(out_dir, via, params, syncs, results)
+    syncs = DeviceSyncs()
+    try:
+        row = measure(engine, batch, state, pairs, block, syncs)
+    finally:
+        syncs.close()
+    st = engine.snapshot_stats()
+    row.update(stage=stage, state=state.name, params=params, snapshot_gb=st["bytes"] / 1e9,
+               device_pack_ms=1e3 * st["pack_s"], pack_gbs=st["bytes"] / st["pack_s"] / 1e9 if st["pack_s"] else None,
+               fence_wait_ms=st["fence_wait_ms"], interval_steps=st["snapshot_interval_steps"],
+               rpo_steps=st["rpo_steps"], packer=st["backend"], policy=engine.ff_runtime.interval.report(),
+               device=torch.cuda.get_device_name(), torch=torch.__version__, pairs=pairs)
     engine.destroy()
-    return {"rows": results, **syncs}
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    write(out_dir, row)
+    print(f"ZeRO-{stage} {state.name:<10} {row['snapshot_gb']:.2f} GB  off {row['step_ms_off']:.1f} ms  "
+          f"on {row['step_ms_on']:.1f} ms  overhead {row['overhead_pct']:+.2f}%  RPO {row['rpo_steps']} steps  "
+          f"pack {row['device_pack_ms']:.1f} ms on the device  syncs/step {row['device_syncs_per_timed_step']:.2f}  "
+          f"[{row['packer']}]", flush=True)
+    return row
 
 
-def write(out_dir: str, via: str, params: int, syncs: Dict, results: List[Dict]) -> None:
-    """Results so far to $OUT (rewritten after every row, so a run cut short still reports)."""
-    import torch
-
-    summary = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "engine_via": via,
-               "params": params, "model": MODEL, "micro_batch": MICRO_BATCH, **syncs, "rows": results}
+def write(out_dir: str, row: Dict) -> None:
+    """Append the row to gpu_overhead.jsonl and rewrite gpu_overhead.md from every row so far."""
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "gpu_overhead.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    path = os.path.join(out_dir, "gpu_overhead.jsonl")
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    lines = [f"# GPU snapshot overhead: 735M GPT, bf16, B={MICRO_BATCH} T={MODEL['seq']}, fftrainer_ds.initialize",
+             "", "| ZeRO | state | GB | step ms off | step ms on | overhead (median of pairs) | snapshots per on-block (lead-in incl.) | "
+             "RPO steps | device pack ms | pack GB/s | syncs/step | packer |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        gbs = "" if r.get("pack_gbs") is None else f"{r['pack_gbs']:.1f}"
+        lines.append(f"| {r['stage']} | {r['state']} | {r['snapshot_gb']:.2f} | {r['step_ms_off']:.1f} | "
+                     f"{r['step_ms_on']:.1f} | {r['overhead_pct']:+.2f}% ({r['pairs']} pairs x {r['block_steps']}) | "
+                     f"{r['snapshots_per_on_block']:.1f} | {r['rpo_steps']} | {r['device_pack_ms']:.1f} | {gbs} | "
+                     f"{r['device_syncs_per_timed_step']:.2f} | {r['packer']} |")
     with open(os.path.join(out_dir, "gpu_overhead.md"), "w") as f:
-        f.write(f"# GPU snapshot overhead: {params / 1e6:.0f}M GPT, ZeRO-2 bf16, {summary['device']}, "
-                f"{via}\n\n{syncs}\n\n| shard | GB | variant | step ms (off) | step ms (on) | overhead |\n"
-                "|---|---|---|---|---|---|\n")
-        for r in results:
-            if "error" in r:
-                f.write(f"| 1/{round(1 / r['fraction'])} | | {r['variant']} | error: {r['error']} | | |\n")
-            else:
-                f.write(f"| 1/{round(1 / r['fraction'])} | {r['snapshot_gb']:.2f} | {r['variant']} | "
-                        f"{r['step_ms_off']:.1f} | {r['step_ms_on']:.1f} | {r['overhead_pct']:+.2f}% |\n")
+        f.write("\n".join(lines) + "\n")
+
+
+def dry_run(stages: List[int], states: List[str]) -> None:
+    """What a run would do, with no GPU: the configs and the expected snapshot sizes."""
+    params = 32000 * 2048 * 2 + 1024 * 2048 + 12 * (12 * 2048 * 2048 + 13 * 2048) + 2 * 2048
+    for stage in stages:
+        for name in states:
+            st = STATES[name]
+            print(f"ZeRO-{stage} {name}: ~{12 * params * st.fraction / 1e9:.2f} GB per snapshot "
+                  f"({params / 1e6:.0f}M params x 12 B x {st.fraction:.4f}); fast_failover = {ff_section(st)}; "
+                  f"zero_optimization = {ds_cfg(stage, st)['zero_optimization']}")
+
+
+def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", type=int, nargs="+", default=[2], choices=[2, 3])
+    ap.add_argument("--states", nargs="+", default=list(STATES), choices=list(STATES))
+    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--block", type=int, default=6)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--dry-run", action="store_true")
+    args = ap.parse_args(argv)
+    if args.pairs < 3:
+        ap.error("--pairs must be >= 3 (the median of at least 3 paired repeats)")
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = parse(argv)
+    if args.dry_run:
+        dry_run(args.stage, args.states)
+        return
+    setup_process()
+    from fftrainer_ds.ds import adapter as ds_adapter
+
+    ds_adapter.skip_shm_comm_build()
+    for stage in args.stage:
+        for name in args.states:
+            run_state(stage, STATES[name], args.pairs, args.block, args.out)
+
+
+def run_gpu(args) -> None:
+    """`snapshot_overhead.py --device cuda`: both states at its --stage (2 or 3), its --pairs and --block."""
+    main(["--stage", str(getattr(args, "stage", 2)), "--pairs", str(max(3, getattr(args, "pairs", 3))),
+          "--block", str(getattr(args, "block", 6))])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,13 +1,16 @@
 """GPU pack bandwidth: the CUDA gather+checksum kernel vs the pinned D2H `copy_` limit.
 
 For snapshot sizes of 0.55 GB and 2.2 GB (a few large flats plus many small tensors, some at odd
-sizes and unaligned): pinned D2H of one contiguous buffer (the limit), per-segment `copy_`
-(naive), the kernel writing into mapped pinned memory (grid caps), the kernel through a device
-staging ring (CudaPacker mode="staged"), the Triton fallback, and the kernel device-to-device.
-Then what stream priority buys: bf16 matmuls alone, and with a concurrent pack on a priority-0
-stream while compute runs at priority 0 and at -1.
+sizes and unaligned), all in the same run: pinned D2H `copy_` of one contiguous buffer (the
+limit: no gather, no checksum), per-segment `copy_` (naive), the kernel (gather + FF31 + D2H)
+writing into mapped pinned memory (grid caps), through a device staging ring (CudaPacker
+mode="staged"), CudaPacker as configured by default, the runtime's packer (DevicePacker:
+CudaPacker plus its completion thread, what `fftrainer_ds.initialize` uses on a GPU shard), the
+Triton fallback, and the kernel device-to-device. Then what stream priority buys: bf16 matmuls
+alone, and with a concurrent pack on a priority-0 stream while compute runs at priority 0 and -1.
 
-    python benchmarks/gpu_pack_bandwidth.py [--out DIR] [--sizes-gb 0.55 2.2] [--reps 7]
+    python benchmarks/gpu_pack_bandwidth.py [--out DIR] [--sizes-gb 0.55 2.2] [--reps 5]
+Writes DIR/gpu_pack_bandwidth.json.
 """
 from __future__ import annotations
 
@@ -73,13 +76,10 @@ def bandwidth(total_gb: float, reps: int):
 
     rows["pinned D2H copy_ (one buffer) = limit"] = timed(d2h_contiguous, reps)
     rows["per-segment copy_ D2H (no checksum)"] = timed(naive, reps)
-    try:
-        from fftrainer_ds.ops import native
+    from fftrainer_ds.ops import native
 
-        have_cuda = native.load().has_cuda()
-    except ImportError:
-        have_cuda = False
-    if have_cuda:
+    _C = native.load_cuda()  # None: _C not built, or built without the CUDA kernels
+    if _C is not None:
         for cap in (0, 264, 132, 66, 32, 16):
             rows[f"kernel -> mapped pinned, max_blocks={cap}"] = timed(
                 lambda cap=cap: _C.pack_cuda(dst, srcs, offsets, None, cap), reps)
@@ -99,6 +99,7 @@ def bandwidth(total_gb: float, reps: int):
             mapped.result()
 
         rows["CudaPacker mapped (plan + kernel + checksums)"] = timed(packer_mapped, reps)
+        rows["DevicePacker (the runtime's packer, completion thread)"] = timed(runtime_packer(dst, srcs, offsets), reps)
     try:
         from fftrainer_ds.ops import triton_pack
 
@@ -112,6 +113,21 @@ def bandwidth(total_gb: float, reps: int):
         gbs = nbytes / t / 1e9 if t == t else float("nan")
         out.append({"variant": name, "ms": t * 1e3, "GB/s": gbs, "pct_of_d2h": 100 * limit / t if t == t else None})
     return {"snapshot_gb": nbytes / 1e9, "segments": len(srcs), "rows": out}
+
+
+def runtime_packer(dst, srcs, offsets):
+    """One pack through the packer the runtime builds for a CUDA shard: start, fence, wait for the commit."""
+    from fftrainer_ds import ops
+    from fftrainer_ds.snapshot.device_packer import DevicePacker
+
+    packer = DevicePacker(str(srcs[0].device), "native", ops.get_backend("auto"))
+
+    def run():
+        packer.start(dst, srcs, offsets, lambda sums: None)
+        packer.fence()
+        packer.wait()
+
+    return run
 
 
 def priority_effect(pack_mb: int = 288, reps: int = 5):
@@ -154,7 +170,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--sizes-gb", type=float, nargs="+", default=[0.55, 2.2])
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "sizes": []}
     for gb in args.sizes_gb:

@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fftrainer_ds  # noqa: E402
 from fftrainer_ds.ds import adapter as ds_adapter  # noqa: E402
+from fftrainer_ds.testing.chaos import FaultFile  # noqa: E402
 from fftrainer_ds.testing.digest import model_digest  # noqa: E402
 from fftrainer_ds.testing.models import TinyGPT, TokenDataset, ds_config  # noqa: E402
 
@@ -38,6 +39,8 @@ def parse():
     ap.add_argument("--step-sleep", type=float, default=0.0, help="slow steps down (fault tests aim at a step)")
     ap.add_argument("--raise-at-step", type=int, default=-1, help="rank --raise-rank raises at this step")
     ap.add_argument("--raise-rank", type=int, default=-1)
+    ap.add_argument("--fault-file", default=None, help="raise inside forward/backward/step where this file asks "
+                    "(lines 'rank R step S where forward|backward|step'; fftrainer_ds.testing.chaos.FaultFile)")
     ap.add_argument("--no-failover", action="store_true")
     ap.add_argument("--ckpt-dir", default=None, help="baseline: DeepSpeed save_checkpoint/load_checkpoint here")
     ap.add_argument("--ckpt-every", type=int, default=10)
@@ -55,6 +58,7 @@ def main():
     random.seed(0)
     np.random.seed(0)
     model = TinyGPT(d=a.d, layers=a.layers, dropout=0.1)
+    faults = FaultFile(a.fault_file) if a.fault_file else None  # before initialize: spares wait inside it
     ff = None if a.no_failover else {
         "replication_factor": a.replication_factor,
         "heartbeat_timeout_s": a.heartbeat_timeout, "collective_timeout_s": 30.0,
@@ -79,7 +83,11 @@ def main():
         original = ".w" in os.environ.get("FFTRAINER_SLOT", ".w")  # not a spare or restarted replacement
         if step == a.raise_at_step and rank == a.raise_rank and original:
             raise RuntimeError(f"injected user exception on rank {rank} at step {step}")
+        if faults is not None:
+            faults.arm(engine, step)
         loss = engine(next(data_iter))
+        if faults is not None:
+            faults.watch_loss(loss)
         engine.backward(loss)
         engine.step()
         if engine.global_steps == step:          # completed (not rolled back by a recovery)

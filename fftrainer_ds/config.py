@@ -71,7 +71,8 @@ class FastFailoverConfig(BaseModel):
     """A worker whose last heartbeat is older than this is declared hung."""
 
     collective_timeout_s: float = Field(30.0, gt=0)
-    """Timeout of collectives in the rebuilt process groups."""
+    """Timeout of collectives in the rebuilt process groups, and how long a replication peer may make no
+    progress before it is dropped for the generation."""
 
     persist_dir: Optional[str] = None
     """Directory for asynchronous on-disk snapshots (the fallback when every in-memory copy is lost)."""

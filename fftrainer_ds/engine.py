@@ -2,6 +2,7 @@
 the per-rank work is in runtime.py (`RankRuntime`), recovery in failover/controller.py."""
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Dict, List, Optional
 
@@ -20,6 +21,20 @@ logger = logging.getLogger("fftrainer_ds")
 _OWN_ATTRS = ("ff_config", "ff_runtime", "_ff_ctl")
 
 
+def _off_snapshot_stream(hook):
+    """Run a hook inside RankRuntime.device_sync_scope: with the CUDA packer, DeepSpeed's device-wide
+    synchronizes (forward, overlap_comm in backward, step) must not wait for the pack stream."""
+    @functools.wraps(hook)
+    def wrapped(self, *args, **kwargs):
+        runtime = self.__dict__.get("ff_runtime")
+        if runtime is None:
+            return hook(self, *args, **kwargs)
+        with runtime.device_sync_scope(self):
+            return hook(self, *args, **kwargs)
+
+    return wrapped
+
+
 class FailoverEngine(DeepSpeedEngine):
     """DeepSpeedEngine plus per-step snapshots, replicas, persistence and restore (see README)."""
 
@@ -34,17 +49,20 @@ class FailoverEngine(DeepSpeedEngine):
             self.ff_runtime = RankRuntime(self, ff_config, ctx.view() if ctx else GenerationView())
 
     # ---- hooks ------------------------------------------------------------------------------
+    @_off_snapshot_stream
     def forward(self, *inputs, **kwargs):
         if self._ff_ctl is None:
             return super().forward(*inputs, **kwargs)
         return self._ff_ctl.guard(self, Hook.FORWARD, lambda: super(FailoverEngine, self).forward(*inputs, **kwargs))
 
+    @_off_snapshot_stream
     def backward(self, loss, *args, **kwargs):
         if self._ff_ctl is None:
             return super().backward(loss, *args, **kwargs)
         return self._ff_ctl.guard(self, Hook.BACKWARD,
                                   lambda: super(FailoverEngine, self).backward(loss, *args, **kwargs))
 
+    @_off_snapshot_stream
     def step(self, lr_kwargs=None):
         if self._ff_ctl is not None:
             return self._ff_ctl.guard(self, Hook.STEP, lambda: self._ff_step(lr_kwargs))

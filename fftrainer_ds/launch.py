@@ -1,7 +1,7 @@
 """fftrainer-launch: a torchrun-like supervisor that keeps the survivors alive when a rank fails.
 
     fftrainer-launch --nproc-per-node N [--spares S] [--nnodes M --node-rank R --master-addr A
-                     --master-port P] [--max-restarts X] train.py ARGS...
+                     --master-port P --secret-file F] [--max-restarts X] train.py ARGS...
 
 Every node runs one supervisor (failover/supervisor.py, `NodeSupervisor`: spawn, detect). The supervisor
 of node 0 also hosts the coordination TCPStore and runs the `Coordinator` (failover/coordinator.py),
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import socket
 import sys
@@ -22,9 +23,11 @@ from datetime import timedelta
 from typing import Any, List, Optional, Sequence
 
 from .config import FastFailoverConfig
+from .errors import ConfigError
 from .failover import protocol as P
 from .failover.coordinator import RENDEZVOUS_TIMEOUT_S, Coordinator
 from .failover.supervisor import NodeSupervisor
+from .secret import ENV_SECRET_FILE, HandOff, read_secret_file
 
 log = logging.getLogger("fftrainer_ds.launch")
 
@@ -57,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--collective-timeout-s", type=float, default=_default("collective_timeout_s"),
                    help="timeout of collectives in the rebuilt process groups")
     p.add_argument("--term-timeout-s", type=float, default=10.0, help="SIGTERM-to-SIGKILL grace when stopping")
+    p.add_argument("--secret-file", default=os.environ.get(ENV_SECRET_FILE) or None,
+                   help="file (mode 0600) holding the job secret, the same on every node; required with "
+                        f"--nnodes > 1; default ${ENV_SECRET_FILE}, else 32 random bytes for this launch only")
     p.add_argument("-m", "--module", action="store_true", help="run `script` as a module (python -m)")
     p.add_argument("--no-python", action="store_true", help="run `script` as an executable")
     p.add_argument("script")
@@ -87,7 +93,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.master_port == 0 and args.node_rank != 0:
         p.error("--master-port is required on nodes other than 0")
     _check_timing(p, args)
+    _check_secret(p, args)
     return args
+
+
+def _check_secret(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    # Nodes share no channel the secret could travel on (the store is readable by whoever reaches its port):
+    # the user hands every node the same file.
+    if args.nnodes > 1 and not args.secret_file:
+        p.error("--nnodes > 1 needs --secret-file PATH: every node must hold the same job secret (create it once "
+                "with `head -c 32 /dev/urandom > PATH && chmod 600 PATH` and copy it to every node)")
+    if args.secret_file:
+        try:
+            read_secret_file(args.secret_file)
+        except ConfigError as exc:
+            p.error(f"--secret-file: {exc}")
 
 
 def _command(args: argparse.Namespace) -> List[str]:
@@ -184,12 +204,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, datefmt="%H:%M:%S",
                         format=f"[fftrainer-launch n{args.node_rank} %(asctime)s.%(msecs)03d] %(message)s")
     stop = _Stop().install()
-    node = _connect(args)
-    if node is None:
-        return 2
-    supervisor = NodeSupervisor(node.store, args.node_rank, socket.gethostname(), _command(args),
-                                args.nproc_per_node, args.spares, node.job, args.master_addr, node.store.port)
-    outcome = _supervise(node, supervisor, stop, args)
+    handoff = HandOff.create(args.secret_file)  # the children read it from a private file, never from argv
+    log.info("job secret: %s", f"from {args.secret_file}" if args.secret_file else
+             "random, for this launch only (snapshots it persists restore only with the same secret: --secret-file)")
+    try:
+        node = _connect(args)
+        if node is None:
+            return 2
+        supervisor = NodeSupervisor(node.store, args.node_rank, socket.gethostname(), _command(args),
+                                    args.nproc_per_node, args.spares, node.job, args.master_addr, node.store.port,
+                                    env=dict(os.environ, **handoff.env()))
+        outcome = _supervise(node, supervisor, stop, args)
+    finally:
+        handoff.remove()
     if stop.signum is not None:
         return 128 + stop.signum
     if outcome.state is P.JobState.DONE:

@@ -7,6 +7,7 @@ only the public methods below (own/held steps, leases, fence, restore, rebind).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -22,10 +23,11 @@ from .config import FastFailoverConfig
 from .ds import adapter
 from .ds import state as ds_state
 from .ds.data import ResumableDataLoader
+from .ds.sync import deepspeed_streams, no_device_sync
 from .errors import ConfigError, SnapshotError
 from .replication.holdings import Holdings
 from .snapshot.codec import decode_tree
-from .snapshot.format import read_snapshot
+from .snapshot.format import read_snapshot, snapshot_key
 from .snapshot.interval import make_interval_policy
 from .snapshot.persist import Persister, read_file, resolve, step_dir
 from .snapshot.pool import SnapshotRef
@@ -79,7 +81,8 @@ class RankRuntime:
         self.rank, self.world_size = engine.global_rank, engine.world_size
         backend = ops.get_backend(cfg.snapshot_backend, cfg.pack_threads)
         self.snapshotter = Snapshotter(self.rank, self.world_size, stage, adapter.dtype_config(engine), backend,
-                                       pin=cfg.pin_memory, max_buffers=cfg.max_snapshot_buffers)
+                                       pin=cfg.pin_memory, max_buffers=cfg.max_snapshot_buffers,
+                                       backend_name=cfg.snapshot_backend)
         logger.info("fftrainer_ds: rank %d fast failover on (ZeRO-%d, %s, pack backend %s, interval %s)",
                     self.rank, stage, adapter.dtype_config(engine), backend.name, cfg.snapshot_interval_steps)
         self.snapshotter.generation = view.generation
@@ -88,6 +91,10 @@ class RankRuntime:
         # The user's iterator lives in this loader; a rebuilt engine gets the same object back.
         self.loader = engine.training_dataloader
         self._fingerprint = ds_state.fingerprint(engine)
+        # The packer follows the shard (GPU, host, ZeRO-Offload): probe where a capture's tensors live,
+        # now, so that a restore right after initialize and the first step already use it.
+        probe = ds_state.capture(engine, None, self._fingerprint).tensors if torch.cuda.is_available() else []
+        self.snapshotter.choose_packer(probe)
         self.snapshotter.add_listener(self._offer)
         self.snapshotter.add_listener(self._maybe_persist)
         self._last_persisted = -1
@@ -136,15 +143,27 @@ class RankRuntime:
 
     # ---- hooks (called by the engine) -----------------------------------------------------------
     def before_optimizer_step(self) -> None:
-        self.snapshotter.fence()  # step N's pack must be complete before this step changes that state
-        if self.replication is not None:
-            self.replication.end_of_compute()  # fence: step N's replica is out before step N+1 ends
-            self.replication.set_window(False)
+        if self.replication is None:
+            self.snapshotter.release_sources()  # step N's pack has read the state this step changes
+            return
+        self.snapshotter.fence()  # ... and is committed: its replica must be out before this step ends
+        self.replication.end_of_compute()  # fence: step N's replica is out before step N+1 ends
+        self.replication.set_window(False)
+
+    def device_sync_scope(self, engine):
+        """Where the engine runs its hooks: inside ds/sync.no_device_sync while the CUDA packer is in
+        use (DeepSpeed's device-wide synchronizes would wait for the pack stream), else nothing."""
+        if not self.snapshotter.on_device:
+            return contextlib.nullcontext()
+        return no_device_sync(deepspeed_streams(engine.__dict__.get("optimizer")))
 
     def after_optimizer_step(self, engine) -> None:
         now = time.perf_counter()
         step_time = None if self._last_step_end is None else now - self._last_step_end
         self._last_step_end = now
+        pack_s = self.snapshotter.take_device_pack_s()  # timed on the GPU by the CUDA packer (None on the host)
+        if pack_s is not None:
+            self.interval.observe_pack(pack_s)
         if step_time is not None:
             # step N's pack overlaps step N+1: this step carried a pack iff the previous one started one
             self.interval.observe_step(step_time, self._in_flight)
@@ -201,9 +220,11 @@ class RankRuntime:
         it at once) and every later version anywhere is dropped (a future that will not happen)."""
         self.fence()
         source, data = self._open(engine, snapshot)
-        parsed = read_snapshot(data, source, backend=self.cfg.snapshot_backend)
+        to_device = self.snapshotter.device_loader(source)  # GPU shard: unpacked and verified on the device
+        parsed = read_snapshot(data, source, backend=self.cfg.snapshot_backend, verify=to_device is None,
+                               key=snapshot_key())  # the job secret's: refuses other jobs' and edited files
         ds_state.check_compatible(engine, parsed, self._fingerprint, source)
-        position = ds_state.apply(engine, decode_tree(parsed))
+        position = ds_state.apply(engine, decode_tree(parsed, to_device))
         if position is not None and isinstance(self.loader, ResumableDataLoader):
             self.loader.load_state_dict(position)
         self.holdings.rolled_back(parsed.step)
@@ -260,7 +281,7 @@ class RankRuntime:
     def stats(self) -> Dict[str, Any]:
         """Size and timing of the last snapshot, replication counters, pack backend."""
         s = self.snapshotter
-        return dict(self.metrics(), bytes=s.last_bytes, pack_s=s.last_pack_s, backend=s.packer.backend.name)
+        return dict(self.metrics(), bytes=s.last_bytes, pack_s=s.last_pack_s, backend=s.packer_name)
 
     def close(self) -> None:
         try:

@@ -112,14 +112,18 @@ def replicate_steps(k, steps, base_bytes, node_of, gating, chunk_mb=1.0):
             "released": [r.released for r in refs], "waited": waited, "mid_inventory": mid_inventory}
 
 
-def corrupt_run(steps, corrupt_step, base_bytes):
-    """2 ranks, k=1: rank 0 corrupts chunk 1 of `corrupt_step` on its way to rank 1."""
+def corrupt_run(steps, corrupt_step, base_bytes, fault="corrupt"):
+    """2 ranks, k=1: rank 0 corrupts chunk 1 of `corrupt_step` on its way to rank 1 ("corrupt"), or
+    replaces it by a forgery made without the job's key: FF31 recomputed ("forge"), or bytes with the
+    same FF31 under the genuine header ("collide")."""
     rank, world, store, cfg = _setup(1, chunk_mb=0.25, adaptive_throttle=False)
     nbytes = size_of(rank, base_bytes)
     svc = ReplicationService(cfg, rank, world, [0] * world, nbytes, peer_timeout_s=15)
     fi = faults.install(svc)
-    if rank == 0:
+    if rank == 0 and fault == "corrupt":
         fi.corrupt_chunk(dst=1, step=corrupt_step, chunk_index=1)
+    elif rank == 0:
+        fi.forge_chunk(dst=1, step=corrupt_step, chunk_index=1, collide=fault == "collide")
     own, held, refs = {}, [], []
     for step in range(1, steps + 1):
         buf = content(rank, step, nbytes)
@@ -137,7 +141,7 @@ def corrupt_run(steps, corrupt_step, base_bytes):
     svc.close()
     dist.barrier()
     dist.destroy_process_group()
-    return {"own": own, "held": held, "stats": stats, "corrupted": fi.corrupted,
+    return {"own": own, "held": held, "stats": stats, "corrupted": fi.corrupted, "forged": fi.forged,
             "released": [r.released for r in refs]}
 
 

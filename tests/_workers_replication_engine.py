@@ -29,7 +29,7 @@ def replicate_and_report(stage, k, steps=8):
         # commits it on a receiver thread after verifying it: give that thread a moment on a busy CPU.
         deadline = time.monotonic() + 5.0
         while time.monotonic() < deadline and any(
-                not v or v[0][1] < engine.global_steps - 1
+                not v or v[-1][1] < engine.global_steps - 1
                 for v in ff_rt.replication.local_inventory().values()):
             time.sleep(0.005)
         held = {}

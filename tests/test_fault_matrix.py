@@ -6,13 +6,13 @@ digest with the same job run without failures. No process may be left behind.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
 
 import pytest
 
+from fftrainer_ds.testing import runs
 from fftrainer_ds.testing.chaos import ROOT, LaunchedJob
 
 SCRIPT = os.path.join(ROOT, "examples", "train_gpt.py")
@@ -30,18 +30,6 @@ def script_args(out, stage=2, k=1, extra=()):
             "--step-sleep", "0.15", "--heartbeat-timeout", "2", *extra]
 
 
-def read_run(out, world):
-    losses, finals = {}, {}
-    for r in range(world):
-        with open(os.path.join(out, f"losses.rank{r}.jsonl")) as f:
-            for line in f:
-                x = json.loads(line)
-                losses.setdefault((r, x["step"]), []).append(x["loss"])
-        with open(os.path.join(out, f"final.rank{r}.json")) as f:
-            finals[r] = json.load(f)
-    return losses, finals
-
-
 def baseline(tmp_root, world, stage, k):
     key = (world, stage, k)
     if key not in _baselines:
@@ -51,7 +39,7 @@ def baseline(tmp_root, world, stage, k):
             assert job.wait() == 0, job.log()[-4000:]
         finally:
             job.stop()
-        _baselines[key] = read_run(out, world)
+        _baselines[key] = runs.read_run(out, world)
     return _baselines[key]
 
 
@@ -61,16 +49,9 @@ def tmp_root(tmp_path_factory):
 
 
 def assert_bitwise(tmp_root, out, world, stage=2, k=1):
-    base_losses, base_finals = baseline(tmp_root, world, stage, k)
-    losses, finals = read_run(out, world)
-    for r in range(world):
-        assert finals[r]["steps"] == STEPS
-        assert finals[r]["digest"] == base_finals[r]["digest"], f"rank {r}: final weights differ"
-        for step in range(1, STEPS + 1):
-            seen = losses.get((r, step))
-            assert seen, f"rank {r} never recorded step {step}"
-            assert all(x == base_losses[(r, step)][0] for x in seen), f"rank {r} step {step}: {seen}"
-    return finals
+    run = runs.read_run(out, world)
+    runs.assert_bitwise(baseline(tmp_root, world, stage, k), run, STEPS)
+    return run.finals
 
 
 def run_case(tmp_root, name, world, fault, spares=1, stage=2, k=1, extra=(), max_restarts=None, hb=2.0):

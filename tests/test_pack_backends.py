@@ -88,11 +88,13 @@ print("triton-interpreter-ok")
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                    reason="triton not installed: `make install` puts it in (Makefile DEPS), or pip install triton")
 def test_triton_interpreter_matches_reference():
+    """The Triton kernel itself, run by Triton's CPU interpreter: a few seconds (13 s on 2 cores)."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=600)
+                          cwd=ROOT, timeout=120)
     assert proc.returncode == 0 and "triton-interpreter-ok" in proc.stdout, proc.stdout + proc.stderr
 
 

@@ -54,3 +54,20 @@ def test_nothing_left_is_terminal_and_says_why():
     infos = [RankInfo(0, False, [9, 10], {}), RankInfo(1, True, [], {})]
     with pytest.raises(TerminalError, match=r"ranks \[1\].*persist_dir"):
         plan_recovery(infos, 2)
+
+
+def test_no_common_step_names_every_shards_steps():
+    # every shard has a copy, but at different steps (what one retained replica version per source allowed)
+    infos = [RankInfo(0, False, [9, 10], {2: [8]}), RankInfo(1, False, [9, 10], {0: [8]}),
+             RankInfo(2, True, [], {})]
+    with pytest.raises(TerminalError, match=r"no step is held for every shard .*rank 0: \[8, 9, 10\]; "
+                                            r"rank 1: \[9, 10\]; rank 2: \[8\]"):
+        plan_recovery(infos, 3)
+
+
+def test_two_retained_replica_versions_give_a_common_step_whatever_the_lags():
+    # lag <= 1 and two committed versions per source: shard 1 seen at 9-10 on one holder, shard 2 at 8-9
+    infos = [RankInfo(0, False, [8, 9, 10], {1: [9, 10], 2: [8, 9]}), RankInfo(1, True, [], {}),
+             RankInfo(2, True, [], {}), RankInfo(3, False, [9, 10], {1: [9, 10], 2: [8, 9]})]
+    plan = plan_recovery(infos, 4)
+    assert plan.step == 9 and plan.source[1] == ("replica", 0) and plan.source[2] == ("replica", 0)

@@ -10,8 +10,8 @@ W = "tests._workers_transfer:recover"
 ALWAYS = 1 << 30  # a corrupt rule that never runs out
 
 
-def _run(infos, corrupt=None):
-    return run_ranks(W, len(infos), {"infos": infos, "corrupt": corrupt or {}}, timeout_s=120)
+def _run(infos, corrupt=None, forge=None):
+    return run_ranks(W, len(infos), {"infos": infos, "corrupt": corrupt or {}, "forge": forge or {}}, timeout_s=120)
 
 
 def _expected(src):
@@ -72,3 +72,15 @@ def test_every_holder_corrupt_raises_on_the_receiver_and_nobody_hangs():
     assert v[0]["error"] is None and v[2]["error"] is None and v[3]["error"] is None
     assert v[0]["sent"] == v[3]["sent"] == CHUNKS * (MAX_RESEND_ROUNDS + 1)
     assert all(x["unreleased"] == 0 for x in v)
+
+
+def test_a_forged_chunk_is_refused_and_resent():
+    """A chunk put on the wire without the job's key has a right FF31 sum but no valid HMAC tag: refused
+    like a corrupt one, re-sent, and the replacement restores the holder's genuine bytes."""
+    forge = {0: [dict(dst=1, step=STEP, chunk_index=2)]}
+    res = _run(_replacement_of_1_held_by(0, 2), forge=forge)
+    v = [r.value for r in res]
+    assert v[0]["forged"] == 1 and v[1]["digest"] == _expected(1) and not any(x["error"] for x in v)
+    assert v[0]["sent"] == CHUNKS + 1 and v[2]["sent"] == 0
+    assert "chunk 2/6 failed authentication" in res[1].log and "checksum mismatch" not in res[1].log
+    assert "re-sends 1 chunk(s)" in res[0].log

@@ -135,3 +135,80 @@ def test_refuses_swapped_rank_files(snap_dir, tmp_path):
         shutil.copy(snap_dir / f"rank{r:05d}.ffsnap", tmp_path / f"rank{1 - r:05d}.ffsnap")
     res = run_ranks("tests._workers_snapshot:restore_error", 2, dict(stage=2, snap_dir=str(tmp_path)), timeout_s=300)
     assert all("rank" in r.value and "!=" in r.value for r in res)
+
+
+# ---------------------------------------------------------------- authentication (format version 2)
+def _twin(word: int) -> int:
+    """Another 32-bit word with the same residue mod 2^31 - 1: FF31 cannot tell them apart."""
+    prime = (1 << 31) - 1
+    return word - prime if word >= prime else word + prime
+
+
+def _forge(snap_bytes, seg_name, edit):
+    """What a forger without the key can do: edit a segment, recompute its FF31 sum, the manifest and the
+    header CRC. The HMAC stays the genuine one (or garbage): it cannot be recomputed."""
+    import json
+    import zlib
+
+    from fftrainer_ds import ops
+    from fftrainer_ds.snapshot import format as F
+
+    s = read_snapshot(snap_bytes)
+    data = bytearray(snap_bytes)
+    seg = next(x for x in s.segments if x.name == seg_name)
+    lo = s.payload_off + seg.offset
+    data[lo:lo + seg.nbytes] = edit(bytes(data[lo:lo + seg.nbytes]))
+    manifest_len = struct.unpack_from("<Q", data, 16)[0]
+    doc = json.loads(bytes(data[PREFIX.size:PREFIX.size + manifest_len]))
+    for entry in doc["segments"]:
+        if entry["name"] == seg_name:
+            entry["checksum"] = f"{ops.checksum(torch.frombuffer(data[lo:lo + seg.nbytes], dtype=torch.uint8)):016x}"
+    manifest = json.dumps(doc, separators=(",", ":")).encode()
+    assert len(manifest) == manifest_len
+    data[PREFIX.size:PREFIX.size + manifest_len] = manifest
+    prefix = bytearray(data[:PREFIX.size])
+    prefix[12:16] = bytes(4)
+    prefix[64:96] = bytes(32)
+    struct.pack_into("<I", data, 12, zlib.crc32(manifest, zlib.crc32(bytes(prefix))))
+    assert F.VERSION == 2
+    return bytes(data)
+
+
+def test_a_file_of_another_job_is_refused(snap_bytes):
+    with pytest.raises(SnapshotError, match="snapfile.ffsnap: snapshot authentication failed"):
+        read_snapshot(snap_bytes, "snapfile.ffsnap", key=os.urandom(32))
+
+
+def test_forged_meta_with_recomputed_checksums_is_refused(snap_bytes):
+    forged = _forge(snap_bytes, "meta", lambda b: b.replace(b'"global_steps",3', b'"global_steps",9'))
+    assert forged != snap_bytes
+    _expect(forged, "authentication failed")
+
+
+def test_meta_and_small_segments_are_authenticated_byte_for_byte(snap_bytes):
+    """A word swapped for its FF31 twin keeps every checksum: only the HMAC over the bytes sees it."""
+    s = read_snapshot(snap_bytes)
+    small = [x for x in s.segments if 4 <= x.nbytes <= 64 << 10]
+    assert small and small[-1].name == "meta"
+    for seg in small:
+        def swap(b):
+            word = int.from_bytes(b[:4], "little")
+            return _twin(word).to_bytes(4, "little") + b[4:]
+        forged = _forge(snap_bytes, seg.name, swap)
+        assert forged != snap_bytes
+        _expect(forged, "authentication failed")
+
+
+def test_version_1_files_are_refused(snap_bytes):
+    _expect(snap_bytes[:8] + struct.pack("<I", 1) + snap_bytes[12:], "version 1 is not supported")
+
+
+@pytest.mark.slow
+def test_restore_refuses_a_file_written_under_another_secret(snap_dir, tmp_path):
+    secret = tmp_path / "job.secret"
+    secret.write_bytes(os.urandom(32))
+    secret.chmod(0o600)
+    res = run_ranks("tests._workers_snapshot:restore_error", 2, dict(stage=2, snap_dir=str(snap_dir)), timeout_s=300,
+                    env={"FFTRAINER_SECRET_FILE": str(secret)})
+    for r in res:
+        assert "authentication failed" in r.value and f"rank{r.rank:05d}.ffsnap" in r.value, r.value

@@ -215,8 +215,12 @@ def reinit_engine(engine, init_kwargs: Dict[str, Any], keep: Dict[str, Any]) -> 
 
 
 def module_buffers(engine) -> Dict[str, torch.Tensor]:
-    """Module buffers (e.g. norm running statistics): not optimizer state, but part of the model."""
-    return dict(engine.module.named_buffers())
+    """Module buffers (e.g. norm running statistics): not optimizer state, but part of the model.
+
+    Copies, not the live tensors: the pack runs during the next forward, which updates running
+    statistics in place (the optimizer state, by contrast, changes only at the next optimizer step,
+    which the fence keeps after the pack)."""
+    return {name: buf.detach().clone() for name, buf in engine.module.named_buffers()}
 
 
 def load_module_buffers(engine, buffers: Dict[str, torch.Tensor]) -> None:

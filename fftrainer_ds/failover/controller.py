@@ -156,8 +156,9 @@ class RecoveryController:
         tl = RecoveryTimeline(replacement=False, step_at_failure=engine.global_steps)
         tl.mark(Phase.FAILURE_SEEN)
         _pause_gc()
+        rank = engine.global_rank  # DeepSpeed's attributes are gone from the engine until it is rebuilt
         logger.warning("fftrainer_ds: rank %d: failure seen at step %d (%s: %s); recovering",
-                       engine.global_rank, tl.step_at_failure, type(exc).__name__, str(exc)[:200])
+                       rank, tl.step_at_failure, type(exc).__name__, str(exc)[:200])
         engine.ff_runtime.fence()  # our own pack is local: let it finish and commit
         self.agent.report_error(exc)
         self._leave_generation(engine)
@@ -174,7 +175,7 @@ class RecoveryController:
                     raise
                 problem = None if isinstance(again, membership.GenerationChanged) else _recoverable(again)
             logger.warning("fftrainer_ds: rank %d: failure during recovery (%s); moving past generation %d",
-                           engine.global_rank, problem or "newer generation", g)
+                           rank, problem or "newer generation", g)
             self._leave_generation(engine)
             if problem is not None:
                 self.agent.report_error(problem)
@@ -207,13 +208,13 @@ class RecoveryController:
         mine = RankInfo(rank, tl.replacement, [] if tl.replacement else runtime.own_steps(),
                         {} if tl.replacement else runtime.held_replica_steps(),
                         persisted_steps(engine.ff_config.persist_dir, rank))
-        infos = gather_infos(mine)
+        infos = gather_infos(mine, generation=self.agent.generation)
         if all(not i.own_steps and not i.held and not i.disk_steps for i in infos):
             plan = Plan(0, {})  # failed before any snapshot: everyone starts over from the beginning
         else:
             plan = plan_recovery(infos, engine.world_size)
         tl.mark(Phase.PLANNED)
-        data = transfer(plan, rank, runtime.lease_replica) if plan.source else None
+        data = transfer(plan, rank, runtime.lease_replica, generation=self.agent.generation) if plan.source else None
         tl.mark(Phase.TRANSFERRED)
         if plan.source:
             self._restore(engine, plan, data)
@@ -294,6 +295,10 @@ def warm_up_spare(build: Callable[..., Any], init_kwargs: Dict[str, Any], spec: 
     module = materialize(spec.template, spec.device)
     kwargs = dict(init_kwargs, model=module, config=config, training_data=None,
                   model_parameters=spec.model_parameters(module))
+    # The launcher's WORLD_SIZE describes the job, not this one-rank engine (ZeRO-3's zero.Init refuses
+    # a one-rank group under a larger WORLD_SIZE).
+    saved = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK")}
+    os.environ.update(WORLD_SIZE="1", RANK="0")
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         engine = build(**kwargs)
@@ -301,6 +306,11 @@ def warm_up_spare(build: Callable[..., Any], init_kwargs: Dict[str, Any], spec: 
     finally:
         ds_adapter.release_groups()
         ds_adapter.reset_zero3_counters()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return time.perf_counter() - t0
 
 
@@ -310,11 +320,16 @@ def failover_initialize(build: Callable[..., Any], init_kwargs: Dict[str, Any]):
     # frozen, it is not rescanned by the collections that run while an engine is rebuilt.
     gc.freeze()
     spec = RebuildSpec(init_kwargs)
-    if os.environ.get(membership.P.ENV_SPARE_ID) is not None:
+    # A restarted replacement warms up too, before it joins: a fresh process's first DeepSpeed engine
+    # costs seconds (many more on a busy machine), and the survivors would wait for it inside gloo
+    # collectives bounded by the collective timeout; they wait at the join (no deadline) instead.
+    spare = os.environ.get(membership.P.ENV_SPARE_ID) is not None
+    if spare or os.environ.get(membership.P.ENV_REPLACEMENT) == "1":
         took = warm_up_spare(build, init_kwargs, spec)
         gc.collect()  # the warm-up's garbage, now, while the spare waits (not in its real build)
         gc.freeze()
-        print(f"fftrainer_ds: hot spare warmed up in {took:.2f} s", flush=True)  # the launcher log shows it
+        who = "hot spare" if spare else "restarted replacement"
+        print(f"fftrainer_ds: {who} warmed up in {took:.2f} s", flush=True)  # the launcher log shows it
     agent = membership.join()
     first = agent.info
     tl = RecoveryTimeline(replacement=first.reason != membership.P.GenReason.START

@@ -6,6 +6,9 @@ detector of each node). Each poll reads the events every node posted (``ff/node/
 collective errors workers reported (``ff/err/{i}``), the other supervisors' heartbeats and who joined
 the current generation; failures become the next generation (``ff/gen/{g}``, then ``ff/gen``), in
 which a hot spare or a restarted process holds each failed rank. protocol.py lists every key.
+Spares come from the nodes' registrations and, later, from their SPARE events (a supervisor spawns a
+new spare for each one given a rank or lost); every replacement, spare or restart, counts against
+--max-restarts.
 
 It only receives the store object: no torch.distributed import here, so the launcher reports argument
 errors before paying for torch.
@@ -63,9 +66,13 @@ class Coordinator:
         self.node_hb: Dict[int, Tuple[int, float]] = {}     # node -> (last counter value, monotonic time seen)
         self.lost_nodes: Set[int] = set()
         self.regroup: Optional[PendingRegroup] = None
-        self.join_deadline: Optional[float] = None
+        self.join_deadlines: Dict[int, float] = {}          # rank -> monotonic time it must have joined by
         self.started = time.monotonic()
+        # A survivor stuck in a collective of the old generation gets out at its collective timeout: give
+        # it that, plus a margin, before declaring it failed. A restarted process must start from nothing,
+        # which takes what generation 0's start took on this machine under its present load (measured).
         self.join_timeout_s = job.collective_timeout_s + job.heartbeat_timeout_s + 2.0
+        self.cold_start_s: Optional[float] = None
         # The other nodes' supervisors read the job from here before they spawn anything.
         store.set(P.JOB, job.to_json())
         store.set(P.STATE, P.encode_state(P.JobState.RUNNING))
@@ -103,6 +110,7 @@ class Coordinator:
                 self._read_events(n, failures)
         self._read_error_reports()
         self._check_nodes(failures)
+        self._measure_cold_start()
         self._check_joins(failures)
         if failures:
             self._recover(failures)
@@ -121,7 +129,10 @@ class Coordinator:
             ev = P.NodeEvent.from_json(self.store.get(P.node_event_key(n, self.cursor[n])))
             self.cursor[n] += 1
             rank = self.info.rank_of(ev.slot)
-            if ev.slot in self.spares:
+            if ev.kind is P.EventKind.SPARE:               # a supervisor replenished its spares
+                self.spares[ev.slot] = P.RankSlot(ev.slot, ev.node, ev.host, ev.pid, P.SlotKind.SPARE, ev.local_rank)
+                log.info("new hot spare slot=%s node=%d pid=%d (%d spares)", ev.slot, ev.node, ev.pid, len(self.spares))
+            elif ev.slot in self.spares:
                 del self.spares[ev.slot]
                 log.warning("spare slot=%s host=%s pid=%d lost: %s (%d spares left)", ev.slot, ev.host, ev.pid,
                             ev.cause, len(self.spares))
@@ -162,19 +173,31 @@ class Coordinator:
                     del self.spares[slot]
                 failures += [(rank, _failure(rs, cause)) for rank, rs in self.info.ranks.items() if rs.node == n]
 
+    def _measure_cold_start(self) -> None:
+        """Generation 0's start (launch to every rank joined): how long a process takes to come up here."""
+        if self.gen == 0 and self.cold_start_s is None and \
+                self.store.check([P.join_key(0, r) for r in self.info.ranks]):
+            self.cold_start_s = time.monotonic() - self.started
+            log.info("every rank joined generation 0 %.1f s after the launch", self.cold_start_s)
+
+    def _join_timeout(self, holder: P.RankSlot) -> float:
+        if holder.kind is not P.SlotKind.RESTART:
+            return self.join_timeout_s
+        cold = self.cold_start_s if self.cold_start_s is not None else time.monotonic() - self.started
+        return max(self.join_timeout_s, 2.0 * cold + self.job.heartbeat_timeout_s)
+
     def _check_joins(self, failures: Failures) -> None:
-        if self.join_deadline is None:
+        if not self.join_deadlines:
             return
-        keys = {r: P.join_key(self.gen, r) for r in self.info.ranks}
-        if self.store.check(list(keys.values())):
-            self.join_deadline = None
-        elif time.monotonic() > self.join_deadline:
-            self.join_deadline = None
-            failed = {r for r, _ in failures}
-            for r, key in keys.items():
-                if r not in failed and r not in self.finished and not self.store.check([key]):
-                    cause = f"did not join generation {self.gen} within {self.join_timeout_s:.1f} s"
-                    failures.append((r, _failure(self.info.ranks[r], cause)))
+        now, failed = time.monotonic(), {r for r, _ in failures}
+        for r, deadline in list(self.join_deadlines.items()):
+            if self.store.check([P.join_key(self.gen, r)]) or r in self.finished:
+                del self.join_deadlines[r]
+            elif now > deadline and r not in failed:
+                del self.join_deadlines[r]
+                holder = self.info.ranks[r]
+                cause = f"did not join generation {self.gen} within {self._join_timeout(holder):.1f} s"
+                failures.append((r, _failure(holder, cause)))
 
     # --- recovery -----------------------------------------------------------------------------------
     def _recover(self, failures: Failures) -> None:
@@ -223,9 +246,8 @@ class Coordinator:
         self.store.set(P.gen_key(g), info.to_json())
         self.store.set(P.GEN, str(g))
         self.gen, self.info, self.regroup = g, info, None
-        # A survivor stuck in a collective of the old generation gets out at its collective timeout:
-        # give it that, plus a margin, before declaring it failed.
-        self.join_deadline = time.monotonic() + self.join_timeout_s if g > 0 else None
+        now = time.monotonic()
+        self.join_deadlines = {r: now + self._join_timeout(rs) for r, rs in ranks.items()} if g > 0 else {}
         if reason is P.GenReason.START:
             log.info("generation 0 published: world size %d on %d node(s), %d spare(s)", self.job.world_size,
                      self.job.nnodes, len(self.spares))

@@ -18,6 +18,7 @@ store wait (e.g. gloo's rendezvous) never delays heartbeats.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -33,6 +34,7 @@ from ..errors import RecoverableError, TerminalError
 from . import protocol as P
 
 _POLL_S = 0.02
+log = logging.getLogger("fftrainer_ds")
 # Generations `Agent._form` tries before giving up. Each try ends only when the group formed or a newer
 # generation was published, and every generation costs a failure or a regroup: more than this many in a
 # row means the job is not converging, and the coordinator's --max-restarts would stop it soon anyway.
@@ -82,6 +84,7 @@ class Agent:
         self._thread: Optional[threading.Thread] = None
         self._callbacks: List[Callable[[int], None]] = []
         self._backend: Optional[str] = None
+        self.crashed = False                            # set by the uncaught-exception hook
 
     @classmethod
     def from_env(cls) -> "Agent":
@@ -151,6 +154,7 @@ class Agent:
         prev = sys.excepthook
 
         def hook(tp, value, tb):
+            self.crashed = True  # the atexit finish() that follows must not report "finished"
             try:
                 self.store.set(P.slot_error_key(self.slot), f"{tp.__name__}: {value}"[:500])
             except Exception:
@@ -255,6 +259,7 @@ class Agent:
                     pass
         self.store.set(P.join_key(generation, rank), self.slot)
         self._wait_keys([P.join_key(generation, r) for r in info.ranks], "join generation", generation)
+        _reset_group_names()
         try:
             dist.init_process_group(backend, store=dist.PrefixStore(P.group_prefix(generation), self.store),
                                     rank=rank, world_size=info.world_size,
@@ -292,12 +297,17 @@ class Agent:
                             f"({tried[0]} to {tried[-1]}); giving up")
 
     def _wait_keys(self, keys: List[str], what: str, generation: int) -> None:
-        deadline = time.monotonic() + self.collective_timeout_s + self.heartbeat_timeout_s
+        """Wait for every key, or for a newer generation (GenerationChanged). No deadline of its own: a
+        peer that is slow to arrive (a process starting from nothing on a busy machine) is not a failure,
+        and one that never arrives is declared failed by the coordinator (its join deadline, derived from
+        the measured start time), whose next generation ends this wait. `what` names the wait in logs."""
+        slow = time.monotonic() + self.collective_timeout_s
         while not self.store.check(keys):
             self.check()
-            if time.monotonic() > deadline:
-                self.check()
-                raise RecoverableError(f"{what} {generation}: peers missing after {self.collective_timeout_s} s")
+            if slow is not None and time.monotonic() > slow:
+                slow = None
+                log.info("slot %s: %s %d: peers still missing after %.0f s; waiting for them or for the "
+                         "coordinator's verdict", self.slot, what, generation, self.collective_timeout_s)
             with self._cond:
                 self._cond.wait(_POLL_S)
         self.check()
@@ -326,12 +336,28 @@ class Agent:
         if self._stop.is_set():
             return
         try:
-            self.store.set(P.slot_finished_key(self.slot), "1")
+            # A process dying of an uncaught exception also runs its atexit finish(): it stops beating but
+            # never claims to have finished (one slow to exit would be counted as done, rc 0).
+            if not self.crashed:
+                self.store.set(P.slot_finished_key(self.slot), "1")
         except Exception:  # the supervisor is gone: nothing left to tell
             pass
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2)
+
+
+def _reset_group_names() -> None:
+    """Number process groups from zero again, as a fresh process does. The default group's rendezvous
+    keys carry its name, taken from a process-wide counter; `init_process_group` advances it before
+    the rendezvous, so an attempt that timed out (a peer died after it joined) leaves the counter ahead
+    with no group behind it, and every later attempt of this process would meet its peers under
+    another name, never completing (seen in the soak). With no default group alive, nothing uses the
+    counter's past values: each generation has its own store prefix. torch has no public call for it."""
+    from torch.distributed import distributed_c10d
+
+    if not dist.is_initialized():
+        distributed_c10d._world.group_count = 0
 
 
 def _default_backend() -> str:

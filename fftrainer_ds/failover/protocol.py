@@ -12,7 +12,7 @@ so a rebuilt group never sees a dead generation's rendezvous keys.
 | ``ff/node/{n}``                   | JSON `NodeRegistration` (host, pid, spawned slots) | supervisor n | coordinator |
 | ``ff/node/{n}/hb``                | counter, +1 per supervisor loop tick | supervisor n | coordinator |
 | ``ff/node/{n}/nev``               | number of events posted     | supervisor n      | coordinator |
-| ``ff/node/{n}/ev/{i}``            | JSON `NodeEvent` (exit, failure) | supervisor n    | coordinator |
+| ``ff/node/{n}/ev/{i}``            | JSON `NodeEvent` (exit, failure, spare) | supervisor n | coordinator |
 | ``ff/node/{n}/bye``               | "1" once node n stopped its children | supervisor n | coordinator |
 | ``ff/slot/{slot}``                | JSON `SlotInfo` (pid, node, host) | supervisor  | anyone |
 | ``ff/slot/{slot}/error``          | last line of an uncaught exception | worker (excepthook) | supervisor |
@@ -74,6 +74,7 @@ class JobState(WireEnum):
 class EventKind(WireEnum):
     EXIT = "exit"            # rc == 0: the child finished
     FAILURE = "failure"      # non-zero exit, signal, hang, declared failed
+    SPARE = "spare"          # a new hot spare was spawned (replenishing one given a rank or lost)
 
 
 class SlotKind(WireEnum):
@@ -283,6 +284,7 @@ class NodeEvent(Record):
     time: float                 # time.time() at detection
     rc: Optional[int] = None
     cause: str = ""
+    local_rank: Optional[int] = None   # SPARE events: the new spare's LOCAL_RANK (its `RankSlot.local_rank`)
 
 
 @dataclass

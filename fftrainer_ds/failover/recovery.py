@@ -23,6 +23,8 @@ from .. import ops
 from ..errors import RecoverableError, SnapshotError, TerminalError
 from ..replication import direct
 from ..replication.transport import StreamError, TransportError, TransportHooks
+from ..secret import Purpose
+from ..secret import current as current_secret
 
 logger = logging.getLogger("fftrainer_ds")
 
@@ -95,20 +97,70 @@ def plan_recovery(infos: List[RankInfo], world_size: int) -> Plan:
         logger.error("fftrainer_ds: NO IN-MEMORY COPY of some shard survived; falling back to the snapshot "
                      "persisted on disk at step %d", step)
         return Plan(step, {r: (Source.DISK, r) for r in range(world_size)})
+    raise TerminalError(_impossible(candidates, world_size))
+
+
+def _impossible(candidates: Dict[int, Dict[int, Tuple[Source, int]]], world_size: int) -> str:
+    """Why no step can be restored: the shards with no copy left, or else every shard's steps."""
     missing = [r for r in range(world_size) if not candidates[r]]
-    raise TerminalError(f"recovery impossible: no surviving copy of the shards of ranks {missing} and no "
-                        f"persisted snapshot that every rank has (set fast_failover.persist_dir and "
-                        f"persist_interval_steps)")
+    if missing:
+        why = f"no surviving copy of the shards of ranks {missing}"
+    else:
+        held = "; ".join(f"rank {r}: {sorted(candidates[r])}" for r in range(world_size))
+        why = f"no step is held for every shard (steps each shard has a copy of: {held})"
+    return (f"recovery impossible: {why}, and no persisted snapshot that every rank has (set "
+            f"fast_failover.persist_dir and persist_interval_steps)")
 
 
-def gather_infos(mine: RankInfo) -> List[RankInfo]:
-    out: List[Optional[RankInfo]] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, mine)
-    return out  # type: ignore[return-value]
+def gather_infos(mine: RankInfo, generation: Optional[int] = None) -> List[RankInfo]:
+    """Every rank's RankInfo in rank order. COLLECTIVE on the default group: an authenticated JSON
+    all-gather (replication/exchange.py; never pickle, so no peer's bytes can run code here), keyed
+    with the job secret's RECOVERY_EXCHANGE key of `generation` (None: the job-wide key). A failed
+    collective, a message that fails authentication, or one that is not exactly the RankInfo of the
+    rank that sent it raises RecoverableError."""
+    from ..replication.exchange import all_gather_json
+    from ..secret import Purpose, current as job_secret
+
+    key = job_secret().key(Purpose.RECOVERY_EXCHANGE, generation)
+    docs = all_gather_json(_info_doc(mine), key, "recovery: rank infos")
+    return [_info_from_doc(doc, r) for r, doc in enumerate(docs)]
+
+
+_INFO_FIELDS = ("rank", "replacement", "own_steps", "held", "disk_steps")
+
+
+def _info_doc(info: RankInfo) -> Dict[str, object]:
+    """RankInfo as JSON-ready data (`held` as [source, steps] pairs: JSON object keys are strings)."""
+    return {"rank": int(info.rank), "replacement": bool(info.replacement),
+            "own_steps": [int(s) for s in info.own_steps],
+            "held": [[int(src), [int(s) for s in steps]] for src, steps in sorted(info.held.items())],
+            "disk_steps": [int(s) for s in info.disk_steps]}
+
+
+def _info_from_doc(doc: object, rank: int) -> RankInfo:
+    """The RankInfo rank `rank` sent; RecoverableError unless `doc` has exactly its fields and types."""
+    from ..replication.exchange import int_list
+
+    try:
+        if type(doc) is not dict or sorted(doc) != sorted(_INFO_FIELDS):
+            raise ValueError(f"fields {sorted(doc) if type(doc) is dict else type(doc).__name__}")
+        if type(doc["rank"]) is not int or doc["rank"] != rank or type(doc["replacement"]) is not bool:
+            raise ValueError(f"rank {doc['rank']!r:.20} / replacement {doc['replacement']!r:.20}")
+        held: Dict[int, List[int]] = {}
+        if type(doc["held"]) is not list:
+            raise ValueError(f"held {doc['held']!r:.80}")
+        for entry in doc["held"]:
+            if type(entry) is not list or len(entry) != 2 or type(entry[0]) is not int or entry[0] in held:
+                raise ValueError(f"held entry {entry!r:.80}")
+            held[entry[0]] = int_list(entry[1], "held steps")
+        return RankInfo(rank, doc["replacement"], int_list(doc["own_steps"], "own_steps"), held,
+                        int_list(doc["disk_steps"], "disk_steps"))
+    except ValueError as exc:
+        raise RecoverableError(f"recovery: malformed rank info from rank {rank} ({exc})") from None
 
 
 def transfer(plan: Plan, rank: int, lease_replica: Callable[[int, int], Optional[object]],
-             hooks: Optional[TransportHooks] = None, *,
+             hooks: Optional[TransportHooks] = None, *, generation: Optional[int] = None,
              chunk_bytes: int = direct.DIRECT_CHUNK_BYTES) -> Optional[torch.Tensor]:
     """Move replicas to the ranks that restore from them; return this rank's verified bytes, if remote.
 
@@ -119,7 +171,9 @@ def transfer(plan: Plan, rank: int, lease_replica: Callable[[int, int], Optional
     exchanges (it may be a holder there, and its peers wait for it); a transport failure or an
     untrustworthy control message raises RecoverableError.
     """
-    wire = direct.Wire.on(dist.group.WORLD, rank, hooks or TransportHooks(), ops.get_backend("auto").checksum)
+    # Keyed per generation: a transfer recorded in an earlier recovery cannot be replayed into this one.
+    key = current_secret().key(Purpose.RECOVERY_TRANSFER, generation)
+    wire = direct.Wire.on(dist.group.WORLD, rank, hooks or TransportHooks(), ops.get_backend("auto").checksum, key)
     received: Optional[torch.Tensor] = None
     failure: Optional[SnapshotError] = None
     try:

@@ -6,6 +6,8 @@ exit or hang, post what happened; `Coordinator` (coordinator.py, node 0 only) de
 a child whose heartbeat is older than `heartbeat_timeout_s`, and posts one `NodeEvent` per child
 outcome to ``ff/node/{n}/ev/{i}``. It also follows the published generations: it spawns the restarted
 replacements assigned to this node and kills any of its children that a generation lists as failed.
+It keeps `nspares` idle hot spares: when a spare is given a rank or is lost, it spawns a new one (slot
+``n{node}.s{i}`` with the next index) and posts a SPARE event so that the coordinator can hand it out.
 
 Children run in their own process group (so a terminal Ctrl-C reaches only the supervisor, and
 killpg also reaches their own children) and, on Linux, get SIGKILL if the supervisor dies
@@ -89,6 +91,12 @@ class NodeSupervisor:
         self._preexec = _pdeathsig_preexec()
         self._next_hb_check = 0.0
         self._next_gen_check = 0.0
+        self.info: Optional[P.GenerationInfo] = None     # the latest generation followed
+        self.next_spare = nspares                        # index of the next replenishing spare slot
+        # Spares spawned after the start: at most --max-restarts, the most replacements the job may use, so a
+        # script whose spares keep dying at start-up cannot make the supervisor respawn them forever.
+        self.spares_replenished = 0
+        self._said_no_spare = False
 
     # --- spawning -----------------------------------------------------------------------------------
     def _env(self, slot: str, local_rank: int, rank: Optional[int], spare_id: Optional[int],
@@ -154,6 +162,7 @@ class NodeSupervisor:
         if now >= self._next_hb_check:
             self._next_hb_check = now + _HB_CHECK_S
             self._check_heartbeats(now)
+        self._replenish_spares()
 
     def _post(self, ev: P.NodeEvent) -> None:
         self.store.set(P.node_event_key(self.node, self.nev), ev.to_json())
@@ -213,7 +222,7 @@ class NodeSupervisor:
         if g <= self.generation:
             return
         info = P.GenerationInfo.from_json(self.store.get(P.gen_key(g)))
-        self.generation = g
+        self.generation, self.info = g, info
         for slot in info.failed_slots:
             child = self.children.get(slot)
             if child is not None and not child.reported:
@@ -226,6 +235,35 @@ class NodeSupervisor:
                 self.spawn(rs.slot, P.SlotKind.RESTART, rs.local_rank, rank=rank)
             elif child is not None:
                 child.rank = rank
+
+    # --- spares -------------------------------------------------------------------------------------
+    def idle_spares(self) -> List[Child]:
+        """Spares that hold no rank and have not failed (warming up or ready)."""
+        return [c for c in self.children.values()
+                if c.kind is P.SlotKind.SPARE and c.rank is None and c.declared is None and not c.reported]
+
+    def _replenish_spares(self) -> None:
+        if self.info is None or len(self.idle_spares()) >= self.nspares:
+            return
+        if self.spares_replenished >= self.job.max_restarts:
+            if not self._said_no_spare:
+                self._said_no_spare = True
+                log.warning("node %d: %d spares spawned since the start (--max-restarts): no new spare",
+                            self.node, self.spares_replenished)
+            return
+        i, self.next_spare = self.next_spare, self.next_spare + 1
+        self.spares_replenished += 1
+        child = self.spawn(P.spare_slot(self.node, i), P.SlotKind.SPARE, self._free_local_rank(i), spare_id=i)
+        self._post(P.NodeEvent(P.EventKind.SPARE, child.slot, self.node, self.host, child.pid, time.time(),
+                               cause="hot spare spawned", local_rank=child.local_rank))
+
+    def _free_local_rank(self, spare_index: int) -> int:
+        """The lowest local rank no live child and no rank of this node holds: a failed child's local rank is
+        reused, so local ranks stay below nproc + nspares (one device each on a GPU node)."""
+        taken = {c.local_rank for c in self.children.values() if c.declared is None and not c.reported}
+        taken |= {rs.local_rank for rs in self.info.ranks.values() if rs.node == self.node}
+        free = [r for r in range(self.nproc + self.nspares) if r not in taken]
+        return free[0] if free else self.nproc + spare_index
 
     # --- stopping -----------------------------------------------------------------------------------
     def live(self) -> List[Child]:

@@ -8,8 +8,11 @@ issue_next()                optional, from hooks in step N+1's forward/backward:
                             piece, ordered after the compute queued so far (chunked issue)
 fence()                     before optimizer step N+1: the current stream waits for the pack's last
                             read of the sources (an event; no host sync, no device-wide sync)
-result() -> checksums       host waits on the pack's completion event only
+result() -> checksums       host waits on the pack's completion event only; `last_device_s` is then
+                            the pack's duration timed on the device (start to completion event)
 ```
+snapshot/device_packer.py drives it for the engine: start and fence on the training thread, result()
+on a completion thread once every piece is issued (it fences with `sources_read`, not `fence()`).
 `dst` is a pinned (page-locked) host uint8 buffer. Two ways to reach it, picked by `mode` and
 measured by benchmarks/gpu_suite.sh (keep the faster as the default):
 - "mapped": the kernel stores straight into the pinned buffer through its device address (UVA).
@@ -114,6 +117,9 @@ class CudaPacker:
         self._slots: List[torch.Tensor] = []
         self._slot_free: List[Optional[torch.cuda.Event]] = []
         self._next_slot = 0
+        # Pinned int64 checksums, reused by every pack (one in flight): no page-locked allocation per step.
+        self._sums_pinned: Optional[torch.Tensor] = None
+        self.last_device_s: Optional[float] = None
         self._reset()
 
     # ---- state of one pack ----
@@ -125,6 +131,7 @@ class CudaPacker:
         self._offsets: List[int] = []
         self._todo: List[list] = []     # pieces not yet issued: lists of (chunk_lo, chunk_hi, dst_lo, dst_hi)
         self._sources_done: Optional[torch.cuda.Event] = None
+        self._began: Optional[torch.cuda.Event] = None
         self._done: Optional[torch.cuda.Event] = None
         self._host_sums: Optional[torch.Tensor] = None
 
@@ -134,6 +141,13 @@ class CudaPacker:
         if not self._active:
             return False
         return bool(self._todo) or not self._done.query()
+
+    @property
+    def sources_read(self) -> Optional["torch.cuda.Event"]:
+        """Recorded after the pack's last read of its sources (None until every piece is issued). A caller
+        that collects result() on another thread makes its compute stream wait on this event instead of
+        calling fence(), which would touch the state that result() resets."""
+        return self._sources_done if self._active else None
 
     def start(self, dst: torch.Tensor, srcs: Sequence[torch.Tensor], offsets: Sequence[int]) -> None:
         """Begin packing srcs into dst at byte offsets, ordered after the work queued on the current stream."""
@@ -158,6 +172,8 @@ class CudaPacker:
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.device))
             self.stream.wait_event(ready)
+            self._began = torch.cuda.Event(enable_timing=True)  # when the pack stream may begin: the timing base
+            self._began.record(self.stream)
             self._plan_pieces(dst, srcs, offsets)
             self.issue_next(gate=False)
             if self.pieces == 1:
@@ -241,14 +257,17 @@ class CudaPacker:
         """After the last piece: sources are no longer read; checksums to host; completion event."""
         self._sources_done = torch.cuda.Event()
         self._sources_done.record(self.stream)
-        self._host_sums = torch.empty(sums_dev.numel(), dtype=torch.int64, pin_memory=True)
+        n = sums_dev.numel()
+        if self._sums_pinned is None or self._sums_pinned.numel() < n:
+            self._sums_pinned = torch.empty(max(n, 256), dtype=torch.int64, pin_memory=True)
+        self._host_sums = self._sums_pinned[:n]
         with torch.cuda.stream(self.stream):
             self._host_sums.copy_(sums_dev, non_blocking=True)
         if self.copy_stream is not None:
             copies = torch.cuda.Event()
             copies.record(self.copy_stream)
             self.stream.wait_event(copies)
-        self._done = torch.cuda.Event(blocking=True)
+        self._done = torch.cuda.Event(blocking=True, enable_timing=True)
         self._done.record(self.stream)
 
     def _issue_all(self) -> None:
@@ -269,6 +288,7 @@ class CudaPacker:
         self._issue_all()
         self._done.synchronize()
         sums = [int(x) for x in self._host_sums.tolist()]
+        self.last_device_s = self._began.elapsed_time(self._done) / 1e3
         self._reset()
         return sums
 

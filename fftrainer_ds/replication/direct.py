@@ -1,10 +1,11 @@
 """Blocking transfer of one snapshot version from a holder to the rank that needs it, verified.
 
 The recovery (failover/recovery.py) moves replicas with it, in the replication wire format
-(transport.py): the same ChunkHeader, check word and FF31 chunk checksums, on tags from
-DIRECT_TAG_BASE, in the calling thread. Every rank derives from the recovery plan which
-exchanges it takes part in and in which order, so every wait below is for a message the peer
-is bound to send.
+(transport.py): the same ChunkHeader, check word, FF31 chunk checksums and HMAC tags (keyed with the
+job secret's RECOVERY_TRANSFER key; a chunk whose tag fails is a bad chunk, re-sent like a corrupt
+one; a control message whose tag fails is a StreamError), on tags from DIRECT_TAG_BASE, in the
+calling thread. Every rank derives from the recovery plan which exchanges it takes part in and in
+which order, so every wait below is for a message the peer is bound to send.
 
 One exchange: a receiver and its ordered candidate holders h0, h1, ... Each candidate calls
 `serve` and waits for a control word; the receiver calls `fetch`, which for each candidate in
@@ -31,13 +32,14 @@ wait inside an exchange, where the peer is engaged, ends at the group's own time
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..errors import SnapshotError
+from ..secret import Purpose, current as job_secret
 from .transport import (DIRECT_TAG_BASE, HEADER_LEN, IDLE_WAIT, KIND_DATA, KIND_MISSING, KIND_NOT_NEEDED,
                         KIND_OFFER, KIND_REQUEST, KIND_VERDICT, Channel, ChunkHeader, OutgoingVersion, StreamError,
                         TransportHooks, chunk_count, chunk_span, data_tag, hdr_tag, round_chunk_bytes)
@@ -95,14 +97,21 @@ class Wire:
     rank: int
     hooks: TransportHooks
     checksum: Callable[[torch.Tensor], int]
+    key: bytes = field(default=b"", repr=False)  # HMAC key of every header and chunk
 
     @classmethod
-    def on(cls, group, rank: int, hooks: TransportHooks, checksum: Callable[[torch.Tensor], int]) -> "Wire":
-        return cls(Channel(group, wait_timeout=None), Channel(group, IDLE_WAIT), rank, hooks, checksum)
+    def on(cls, group, rank: int, hooks: TransportHooks, checksum: Callable[[torch.Tensor], int],
+           key: Optional[bytes] = None) -> "Wire":
+        """`key`: the RECOVERY_TRANSFER key of the recovery's generation (recovery.transfer passes it);
+        by default the job-wide one."""
+        return cls(Channel(group, wait_timeout=None), Channel(group, IDLE_WAIT), rank, hooks, checksum,
+                   key or job_secret().key(Purpose.RECOVERY_TRANSFER))
 
     def control(self, kind: int, step: int, count: int = 0, total: int = 0, length: int = 0,
-                checksum: int = 0) -> ChunkHeader:
-        return ChunkHeader(kind, _STREAM, 0, step, self.rank, 0, count, total, 0, length, checksum)
+                checksum: int = 0, payload: Optional[torch.Tensor] = None) -> ChunkHeader:
+        """A sealed control header (its tag also covers `payload`, the verdict's indices)."""
+        return ChunkHeader(kind, _STREAM, 0, step, self.rank, 0, count, total, 0, length, checksum).sealed(
+            self.key, payload)
 
     def send(self, peer: int, msgs: List[Tuple[ChunkHeader, Optional[torch.Tensor]]], idle: bool = False) -> None:
         """Post (header, payload or None) pairs to `peer` at once, then wait for all of them."""
@@ -125,6 +134,8 @@ class Wire:
         h = ChunkHeader.decode(hbuf)
         if h.kind not in kinds or h.src != peer or h.step != step:
             raise StreamError(f"rank {self.rank}: unexpected control message from rank {peer} for step {step}: {h}")
+        if not (h.kind == KIND_VERDICT and h.count) and not h.authentic(self.key):  # else: checked with its data
+            raise StreamError(f"rank {self.rank}: a control message from rank {peer} failed authentication: {h}")
         return h
 
 
@@ -142,7 +153,7 @@ def serve(wire: Wire, dst: int, step: int, lease: Callable[[], Optional[object]]
         wire.send(dst, [(wire.control(KIND_MISSING, step), None)])
         return Served.MISSING
     v = OutgoingVersion(_Lease(ref.buffer, step, int(getattr(ref, "generation", 0)), ref.release),
-                        round_chunk_bytes(chunk_bytes), wire.checksum)
+                        round_chunk_bytes(chunk_bytes), wire.checksum, wire.key)
     try:
         wire.send(dst, [(wire.control(KIND_OFFER, step, v.count, v.total, v.chunk_bytes), None)])
         pending = list(range(v.count))
@@ -166,7 +177,8 @@ def _send_chunks(wire: Wire, dst: int, v: OutgoingVersion, indices: List[int]) -
         msgs = []
         for i in indices[start:start + _WINDOW_CHUNKS]:
             h = v.header(i, wire.rank, _STREAM)
-            msgs.append((h, wire.hooks.before_send(dst, h, v.chunk(i))))
+            payload = wire.hooks.before_send(dst, h, v.chunk(i))
+            msgs.append((wire.hooks.header_on_wire(dst, h), payload))
         wire.send(dst, msgs)
 
 
@@ -177,8 +189,9 @@ def _recv_verdict(wire: Wire, dst: int, step: int, count: int) -> List[int]:
     idx = torch.empty(h.count, dtype=torch.int64)
     wire.recv_data(dst, idx)
     bad = [int(i) for i in idx.tolist()]
-    if int(wire.checksum(idx.view(torch.uint8))) != h.checksum or any(not 0 <= i < count for i in bad):
-        raise StreamError(f"rank {wire.rank}: corrupt verdict from rank {dst}: {bad[:8]}")
+    if int(wire.checksum(idx.view(torch.uint8))) != h.checksum or any(not 0 <= i < count for i in bad) \
+            or not h.authentic(wire.key, idx):
+        raise StreamError(f"rank {wire.rank}: corrupt or unauthenticated verdict from rank {dst}: {bad[:8]}")
     return bad
 
 
@@ -216,7 +229,8 @@ def _pull(wire: Wire, holder: int, step: int) -> _Pulled:
         bad = _recv_chunks(wire, holder, offer, buf, pending)
         idx = torch.tensor(sorted(bad), dtype=torch.int64)
         sums = int(wire.checksum(idx.view(torch.uint8))) if bad else 0
-        wire.send(holder, [(wire.control(KIND_VERDICT, step, count=len(bad), checksum=sums), idx if bad else None)])
+        data = idx if bad else None
+        wire.send(holder, [(wire.control(KIND_VERDICT, step, count=len(bad), checksum=sums, payload=data), data)])
         if not bad:
             return _Pulled(buf, resent)
         logger.warning("recovery transfer: rank %d: %d chunk(s) of step %d from rank %d failed verification in "
@@ -257,4 +271,8 @@ def _chunk_problem(wire: Wire, holder: int, offer: ChunkHeader, i: int, hbuf: to
     got = int(wire.checksum(view))
     if got != h.checksum:
         return f"chunk {i}/{h.count} checksum mismatch (got {got:016x}, header {h.checksum:016x})"
+    if not h.authentic(wire.key):  # the tag vouches for the FF31 sum just checked
+        logger.warning("recovery transfer: rank %d refused chunk %d/%d of step %d from rank %d: its HMAC tag does "
+                       "not verify with the job's key", wire.rank, i, h.count, h.step, holder)
+        return f"chunk {i}/{h.count} failed authentication (forged header)"
     return None

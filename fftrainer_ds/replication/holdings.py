@@ -55,11 +55,9 @@ class Holdings:
         for svc, valid in self._all():
             if step > valid:
                 continue
-            ref = svc.replica(src)
-            if ref is not None and ref.step == step:
-                return ref
+            ref = svc.replica(src, step)
             if ref is not None:
-                ref.release()
+                return ref
         return None
 
     def rolled_back(self, step: int) -> None:

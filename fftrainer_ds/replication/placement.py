@@ -69,20 +69,21 @@ def sources_held_by(rank: int, world_size: int, k: int, node_of: Sequence[int]) 
 
 
 GB = 1_000_000_000  # max_host_memory_gb counts decimal gigabytes
+REPLICA_BUFFERS = 3  # per held source: the two newest committed versions + the one in flight (receiver.py)
 
 
 def check_memory(cfg, table: List[List[int]], sizes: Sequence[int]) -> None:
-    """ConfigError naming the numbers when some rank's own snapshot buffers plus its replicas (2 buffers
-    each, for the placement `table`) exceed `cfg.max_host_memory_gb` (no check when that is None)."""
+    """ConfigError naming the numbers when some rank's own snapshot buffers plus its replicas
+    (REPLICA_BUFFERS each, for the placement `table`) exceed `cfg.max_host_memory_gb` (None: no check)."""
     budget = cfg.max_host_memory_gb
     if budget is None:
         return
     nbuf, world_size = cfg.max_snapshot_buffers, len(table)
     for r in range(world_size):
         held = [s for s in range(world_size) if r in table[s]]
-        own, replicas = nbuf * sizes[r], 2 * sum(sizes[s] for s in held)
+        own, replicas = nbuf * sizes[r], REPLICA_BUFFERS * sum(sizes[s] for s in held)
         if own + replicas > budget * GB:
             raise ConfigError(
                 f"fast_failover.max_host_memory_gb={budget}: rank {r} needs {(own + replicas) / GB:.3f} GB = "
-                f"{nbuf} own snapshot buffers x {sizes[r]} bytes ({own / GB:.3f} GB) + 2 buffers for each of "
-                f"{len(held)} replicas at replication_factor={cfg.replication_factor} ({replicas / GB:.3f} GB)")
+                f"{nbuf} own snapshot buffers x {sizes[r]} bytes ({own / GB:.3f} GB) + {REPLICA_BUFFERS} buffers "
+                f"for each of {len(held)} replicas at replication_factor={cfg.replication_factor} ({replicas / GB:.3f} GB)")

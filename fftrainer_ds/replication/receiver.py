@@ -1,21 +1,22 @@
-"""Holder side: a double-buffered replica store per source and the thread that fills it.
+"""Holder side: a replica store per source (the last committed versions + the in-flight one) and the
+thread that fills it.
 
-`SourceReplica` keeps two host buffers per source: the committed version and the in-flight one.
-A version becomes committed only when every chunk arrived in order and verified; the committed
-buffer is never written while it is committed, nor while a `ReplicaRef` lease on it is held.
+A version becomes committed only when every chunk arrived in order and verified; the newest committed
+buffer is never written, nor any buffer while a `ReplicaRef` lease on it is held.
 `ReceiverThread` reads one source's stream (transport.py protocol) into it.
 """
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 
 from .transport import (KIND_CLOSE, KIND_DATA, HEADER_LEN, Channel, ChunkHeader, OpWatch, StreamError,
                         TransportError, TransportHooks, data_tag, hdr_tag)
 
+from ..secret import Purpose, current as job_secret
 from .inventory import Version
 
 logger = logging.getLogger("fftrainer_ds.replication")
@@ -56,62 +57,84 @@ class _Slot:
 
 
 class SourceReplica:
-    """Committed + in-flight buffers of one source. Writer: one receiver thread; readers: any.
+    """The last `keep` committed versions of one source plus the in-flight one. Writer: one receiver
+    thread; readers: any.
+
+    Two committed versions, not one: a replica lags its source by at most one step, so with the two
+    newest versions of every source some step is common to every shard whatever the lags at the moment
+    of a failure (with one, shard A held only at step N and shard B only at N-1 leave no common step).
 
     Writer call order per version: `begin()` -> fill the returned tensor -> `commit()` or `abort()`.
     """
 
-    def __init__(self, src: int) -> None:
+    def __init__(self, src: int, keep: int = 2) -> None:
         self.src = src
-        self._slots = [_Slot(), _Slot()]
-        self._committed: Optional[int] = None
+        self.keep = keep
+        self._slots = [_Slot() for _ in range(keep + 1)]
+        self._committed: List[int] = []  # slot indices, oldest first
         self._inflight: Optional[int] = None
         self._lock = threading.Lock()
 
+    def _writable(self) -> Optional[int]:
+        """A slot neither committed nor leased; else the oldest committed one (never the newest) that
+        no reader holds; else None (busy)."""
+        free = [i for i, s in enumerate(self._slots) if i not in self._committed and not s.leases]
+        free += [i for i in self._committed[:-1] if not self._slots[i].leases]
+        return free[0] if free else None
+
     def begin(self, version: Version, nbytes: int) -> Optional[torch.Tensor]:
-        """Start an in-flight version; its buffer, or None when the free slot is leased (busy)."""
+        """Start an in-flight version; its buffer, or None when every writable slot is leased (busy)."""
         with self._lock:
             if self._inflight is not None:
                 self._slots[self._inflight].version = None
-            idx = 0 if self._committed is None else 1 - self._committed
-            slot = self._slots[idx]
-            if slot.leases:
-                self._inflight = None
+            idx = self._inflight = self._writable()
+            if idx is None:
                 return None
+            if idx in self._committed:
+                self._committed.remove(idx)
+            slot = self._slots[idx]
             if slot.buf is None or slot.buf.numel() < nbytes:
                 slot.buf = None  # free the old one before allocating
                 slot.buf = torch.empty(nbytes, dtype=torch.uint8)
             slot.nbytes, slot.version = nbytes, Version(*version)
-            self._inflight = idx
             return slot.buf[:nbytes]
 
     def commit(self) -> Version:
-        """Make the in-flight version the committed one (the old committed slot becomes free)."""
+        """Make the in-flight version the newest committed one (the oldest beyond `keep` becomes free)."""
         with self._lock:
             if self._inflight is None:
                 raise RuntimeError("commit without an in-flight version")
-            self._committed, self._inflight = self._inflight, None
-            return self._slots[self._committed].version
+            self._committed.append(self._inflight)
+            self._inflight = None
+            del self._committed[:-self.keep]
+            return self._slots[self._committed[-1]].version
 
     def abort(self) -> None:
-        """Forget the in-flight version; the committed one is untouched."""
+        """Forget the in-flight version; the committed ones are untouched."""
         with self._lock:
             if self._inflight is not None:
                 self._slots[self._inflight].version = None
             self._inflight = None
 
-    def committed_version(self) -> Optional[Version]:
+    def committed_versions(self) -> List[Version]:
+        """Every committed version held, oldest first."""
         with self._lock:
-            return None if self._committed is None else self._slots[self._committed].version
+            return [self._slots[i].version for i in self._committed]
 
-    def lease(self) -> Optional[ReplicaRef]:
-        """Lease the committed version, or None if nothing is committed yet."""
+    def committed_version(self) -> Optional[Version]:
+        """The newest committed version, or None."""
+        versions = self.committed_versions()
+        return versions[-1] if versions else None
+
+    def lease(self, step: Optional[int] = None) -> Optional[ReplicaRef]:
+        """Lease the newest committed version (or the one of `step`), or None if there is none."""
         with self._lock:
-            if self._committed is None:
-                return None
-            slot = self._slots[self._committed]
-            slot.leases += 1
-            return ReplicaRef(self, self._committed, slot.version, slot.buf[:slot.nbytes])
+            for idx in reversed(self._committed):
+                slot = self._slots[idx]
+                if step is None or slot.version.step == step:
+                    slot.leases += 1
+                    return ReplicaRef(self, idx, slot.version, slot.buf[:slot.nbytes])
+            return None
 
     def _unlease(self, idx: int) -> None:
         with self._lock:
@@ -121,9 +144,12 @@ class SourceReplica:
 class ReceiverThread:
     """Reads source `src`'s stream into its `SourceReplica`; one daemon thread per source.
 
-    Each chunk is verified (FF31) as it arrives; a version commits only after its last chunk with
-    every chunk in order and verified. A failed chunk drops the version (counted, logged), the rest
-    of its chunks are still read so that the stream stays in step. A CLOSE header ends the thread;
+    Each chunk is verified as it arrives: its header's HMAC tag (the job's replication key of this
+    stream generation) before the header is used at all, then its bytes against the FF31 sum the tag
+    vouches for; a version commits only after its last chunk with every chunk in order and verified.
+    A failed chunk (corrupt, or forged: a tag that does not verify) drops the version
+    (the service's versions_dropped, logged with the reason), the rest of its chunks are still read
+    so that the stream stays in step. A CLOSE header (its tag verified) ends the thread;
     a transport failure or an untrustworthy header marks the source dropped (`dropped`, `on_drop`)
     and ends it, keeping the committed replica. A data recv is watched (`watch`: the source sends it
     right after its header, so an overrun means a stalled source and the watchdog calls `expire()`);
@@ -140,6 +166,7 @@ class ReceiverThread:
         self.store = store
         self.watch = OpWatch(timeout_s)
         self._checksum, self._hooks = checksum, hooks
+        self._key = job_secret().key(Purpose.REPLICATION, stream_generation)
         self._on_commit, self._on_bad, self._on_drop = on_commit, on_bad_version, on_drop
         self._stop = threading.Event()
         self._scratch: Optional[torch.Tensor] = None
@@ -173,6 +200,8 @@ class ReceiverThread:
                     raise StreamError(f"header of source {h.src} generation {h.stream_generation} on the "
                                       f"stream of source {self.src} generation {self.stream_generation}")
                 if h.kind == KIND_CLOSE:  # a version cut short by the source's close() is not counted
+                    if not h.authentic(self._key):
+                        raise StreamError("a CLOSE header failed authentication (not from the source)")
                     return
                 if h.kind != KIND_DATA:
                     raise StreamError(f"unknown header kind {h.kind}")
@@ -188,6 +217,8 @@ class ReceiverThread:
 
     def _on_chunk(self, current: Optional[ChunkHeader], h: ChunkHeader) -> Optional[ChunkHeader]:
         """Read one chunk's data; return the version still in flight (None after its last chunk)."""
+        if not h.authentic(self._key):  # before the header may start, interrupt or size anything
+            return self._refuse(current, h)
         if h.index == 0 or current is None or h.version != current.version:
             if current is not None:
                 self._finish(current, "interrupted by a newer version")
@@ -206,7 +237,7 @@ class ReceiverThread:
         if self._problem is None:
             self._hooks().after_recv(self.src, h, view)
             got = int(self._checksum(view))
-            if got != h.checksum:
+            if got != h.checksum:  # the header's tag vouches for this sum: the bytes must match it
                 self._problem = f"chunk {h.index}/{h.count} checksum mismatch (got {got:016x}, header {h.checksum:016x})"
         self._next_index += 1
         self._next_offset += h.length
@@ -216,6 +247,16 @@ class ReceiverThread:
             self._problem = "incomplete version"
         self._finish(current, self._problem)
         return None
+
+    def _refuse(self, current: Optional[ChunkHeader], h: ChunkHeader) -> Optional[ChunkHeader]:
+        """A chunk header whose tag fails (made without the job's key): nothing of it is trusted, its data
+        message is read into scratch to stay in step, and the version in flight cannot commit any more."""
+        logger.warning("replication: refused chunk %d/%d of step %d from source rank %d: failed authentication "
+                       "(its HMAC tag does not verify with the job's key)", h.index, h.count, h.step, self.src)
+        self._recv_data(h, None)
+        if current is not None and self._problem is None:
+            self._problem = f"chunk {h.index}/{h.count} failed authentication (forged header)"
+        return current
 
     def _recv_data(self, h: ChunkHeader, target: Optional[torch.Tensor]) -> torch.Tensor:
         if target is not None:

@@ -8,6 +8,7 @@ import logging
 import threading
 from typing import Callable, Optional
 
+from ..secret import Purpose, current as job_secret
 from .transport import (KIND_CLOSE, Channel, ChunkHeader, OpWatch, OutgoingVersion, TransportError, TransportHooks,
                         data_tag, hdr_tag)
 
@@ -123,8 +124,9 @@ class SenderThread:
             data = v.chunk(i)
             if not self._acquire(int(data.numel()), self._stop):
                 return
-            h = v.header(i, self.src, self.stream_generation)
+            h = v.header(i, self.src, self.stream_generation)  # sealed: HMAC over the fields and the chunk
             data = self._hooks().before_send(self.dst, h, data)
+            h = self._hooks().header_on_wire(self.dst, h)
             self.channel.send([(h.encode(), hdr_tag(self.src)), (data, data_tag(self.src))], self.dst, self.watch)
             if self.dropped is not None:  # expired while blocked: the holder is gone for good
                 return
@@ -133,7 +135,8 @@ class SenderThread:
         self.versions_sent += 1
 
     def _send_close(self) -> None:
-        h = ChunkHeader(KIND_CLOSE, self.stream_generation, 0, 0, self.src, 0, 0, 0, 0, 0, 0)
+        h = ChunkHeader(KIND_CLOSE, self.stream_generation, 0, 0, self.src, 0, 0, 0, 0, 0, 0).sealed(
+            job_secret().key(Purpose.REPLICATION, self.stream_generation))
         try:
             self.channel.send([(h.encode(), hdr_tag(self.src))], self.dst, self.watch)
         except TransportError as exc:

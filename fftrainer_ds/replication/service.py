@@ -12,14 +12,12 @@ Call order (engine.py):
     all ranks: svc.replica_inventory()                   # COLLECTIVE over the replication group
     end:       svc.close()                               # bounded; replicas stay readable after it
 
-One service per process-group generation: after a regroup, close the old one and build a new one
-with the new generation (its stream generation is in every header; a holder refuses others).
-`end_of_compute` is a fence: the optimizer step waits until the latest offered version reached every
-live holder, so a replica never lags by more than one step (the failover guarantee: at most one
-completed step lost); it costs nothing while replication keeps up. With adaptive_throttle, after
-`warmup_steps` calls of `on_step`, senders are held during the compute of `baseline_steps` steps
-(and again every `rebaseline_every_steps`) to measure the baseline step time; such a step sends its
-held-back version at that fence, outside its sample. Without on_step calls there is no pause and no AIMD.
+One service per process-group generation (the generation is in every header; a holder refuses
+others). `end_of_compute` is a fence: the optimizer step waits until the latest offered version
+reached every live holder, so a replica lags by at most one step (the failover guarantee). With
+adaptive_throttle, after `warmup_steps` calls of `on_step`, senders are held during the compute of
+`baseline_steps` steps (again every `rebaseline_every_steps`) to measure the baseline step time; such
+a step sends its held-back version at the fence, outside its sample. No on_step calls: no AIMD.
 """
 from __future__ import annotations
 
@@ -55,11 +53,9 @@ atexit.register(lambda: [s.close(timeout_s=1.0) for s in list(_live_services)])
 class ReplicationService:
     """Shadow replicas of every rank's snapshot in k peers' host memory (see the module docstring).
 
-    The constructor is collective over the default group when `group` is None (every rank builds
-    its service in the same order): it creates the dedicated replication group, exchanges snapshot
-    sizes and raises the same ConfigError on every rank when k does not fit the world/nodes or a
-    rank's own buffers plus its replicas exceed `max_host_memory_gb`. `rank` and `world_size` are
-    ranks in the replication group (the default group's when it is created here).
+    The constructor is collective over the default group when `group` is None: it creates the
+    replication group, exchanges snapshot sizes and raises the same ConfigError on every rank when k
+    does not fit or a rank's buffers exceed `max_host_memory_gb`. `rank`, `world_size`: in that group.
     """
 
     def __init__(self, cfg: FastFailoverConfig, rank: int, world_size: int, node_of: Sequence[int],
@@ -68,7 +64,9 @@ class ReplicationService:
                  warmup_steps: int = 1, baseline_steps: int = 3, rebaseline_every_steps: int = 1000) -> None:
         self.cfg, self.rank, self.world_size, self.generation = cfg, rank, world_size, generation
         self.k = cfg.replication_factor if cfg.enabled else 0
-        self.peer_timeout_s = float(peer_timeout_s if peer_timeout_s is not None else cfg.heartbeat_timeout_s)
+        # A peer making no progress this long is dropped (its replica goes stale): a hung process is found
+        # by heartbeats long before, so this only has to outlast a starved but live peer, like a collective.
+        self.peer_timeout_s = float(peer_timeout_s if peer_timeout_s is not None else cfg.collective_timeout_s)
         self.close_timeout_s = close_timeout_s
         self.chunk_bytes = round_chunk_bytes(cfg.chunk_bytes)
         self.hooks = TransportHooks()  # replaced by fftrainer_ds.testing.faults
@@ -194,7 +192,7 @@ class ReplicationService:
     def end_of_compute(self) -> None:
         """The training thread, when a step's forward/backward is over and before its optimizer step
         (the window still open): wait until the latest offered version (normally the previous step's)
-        has been sent to every live holder, at most peer_timeout_s.
+        has been sent to every live holder, for as long as bytes keep going out (`flush`).
 
         This fence is the failover guarantee: no optimizer step completes while the step before it has
         no replica, so a failure loses at most one completed step. It costs nothing while replication
@@ -215,8 +213,8 @@ class ReplicationService:
         if not self.flush(self.peer_timeout_s):
             with self._lock:
                 last = self._last_offered
-            logger.warning("replication: rank %d: the version of step %s was not sent within %.1f s; the optimizer "
-                           "step goes on", self.rank, last[1] if last else "?", self.peer_timeout_s)
+            logger.warning("replication: rank %d: sending the version of step %s made no progress for %.1f s; the "
+                           "optimizer step goes on", self.rank, last[1] if last else "?", self.peer_timeout_s)
         waited = time.perf_counter() - t0
         if was_paused:
             self._catch_up_s += waited
@@ -253,36 +251,42 @@ class ReplicationService:
             self._paused = self._aimd.paused
             self._gate_cond.notify_all()
 
-    def flush(self, timeout_s: float) -> bool:
+    def flush(self, stall_s: float) -> bool:
         """Wait until every live holder was sent the latest offered version (the holder commits it
-        right after); False on timeout. Sending needs the window open and no baseline pause."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._all_sent():
-                return True
+        right after); False once no byte went out for `stall_s`. The bound is on progress, not on the
+        total: a starved machine sends slowly but keeps the one-step lag, and a holder that stalls is
+        dropped by the watchdog after peer_timeout_s, which ends the wait too."""
+        last = (self._bytes_sent(), time.monotonic())
+        while not self._all_sent():
+            now, sent = time.monotonic(), self._bytes_sent()
+            if sent != last[0]:
+                last = (sent, now)
+            elif now - last[1] > stall_s:
+                return False
             time.sleep(0.005)
-        return False
+        return True
+
+    def _bytes_sent(self) -> int:
+        with self._lock:
+            return self._counters["bytes_sent"]
 
     # ---- queries -------------------------------------------------------------------------------
     def local_inventory(self) -> Dict[int, List[Version]]:
-        """source rank -> committed (generation, step) versions held on this rank."""
-        out = {}
-        for src, rep in self._replicas.items():
-            v = rep.committed_version()
-            out[src] = [v] if v is not None else []
-        return out
+        """source rank -> committed (generation, step) versions held on this rank, oldest first."""
+        return {src: rep.committed_versions() for src, rep in self._replicas.items()}
 
     def replica_inventory(self) -> Inventory:
         """source -> {holder -> versions} over all ranks. COLLECTIVE over the replication group
         (RecoverableError when a member is gone)."""
         if self.k == 0:
             return {src: {} for src in range(self.world_size)}
-        return gather(self.local_inventory(), self.group, self.world_size)
+        return gather(self.local_inventory(), self.group, self.world_size, self.generation)
 
-    def replica(self, src: int) -> Optional[ReplicaRef]:
-        """A lease on the committed replica of `src` held here (None if none); release it."""
+    def replica(self, src: int, step: Optional[int] = None) -> Optional[ReplicaRef]:
+        """A lease on the newest committed replica of `src` held here (or the one of `step`); None if
+        there is none. Release it."""
         rep = self._replicas.get(src)
-        return rep.lease() if rep is not None else None
+        return rep.lease(step) if rep is not None else None
 
     def stats(self) -> Dict[str, Any]:
         """Counters: bytes_sent, versions_sent (summed over holders), versions_committed/_dropped (as a

@@ -7,9 +7,16 @@ Wire protocol, per (source -> holder) stream, strictly sequential:
     a CLOSE header (no data) when the source shuts the stream down.
 
 The header carries (stream generation, version generation, step, source rank, chunk index,
-chunk count, total bytes, offset, chunk length, FF31 checksum of the chunk) and a check word over
-those fields. Tags depend on the source rank, so the two directions between a pair of ranks and
-the header/data messages never share a tag.
+chunk count, total bytes, offset, chunk length, FF31 checksum of the chunk), a check word over
+those fields (corruption) and an HMAC-SHA256 tag over those fields, keyed with the job secret's
+key of the purpose and generation (secret.py; replication: per stream generation). The chunk's
+bytes must match the FF31 sum the tag vouches for, so a chunk made without the key is refused
+like a corrupt one and never committed. What the tag does not stop: FF31 is no cryptographic hash
+(a word and the same word +- (2^31 - 1) have the same sum), so an attacker on the path who sees a
+genuine header can send other bytes with the same sum under it. Such an attacker can alter the
+training collectives as well; a tag over the bytes would cost 6x FF31's CPU per byte and halve the
+stream rate (benchmarks/RESULTS.md, "Authentication"). Tags depend on the source rank, so the two
+directions between a pair of ranks and the header/data messages never share a tag.
 
 The same headers carry the blocking one-version transfer of direct.py (recovery), with control
 kinds of their own, on tags from DIRECT_TAG_BASE.
@@ -30,13 +37,18 @@ Sources end streams with a CLOSE header; at close, threads still blocked are wok
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
+import struct
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Callable, List, Optional, Tuple
 
 import torch
+
+from ..secret import MAC_BYTES, Purpose, current as job_secret
 
 MAGIC = 0x46465245504C  # "FFREPL"
 KIND_DATA = 1
@@ -47,7 +59,9 @@ KIND_NOT_NEEDED = 4  # receiver -> holder: another holder delivered it
 KIND_OFFER = 5  # holder -> receiver: the version's layout (count, total, chunk size); chunks follow
 KIND_MISSING = 6  # holder -> receiver: the version is no longer held here
 KIND_VERDICT = 7  # receiver -> holder: how many chunks failed verification; their indices follow
-HEADER_LEN = 13
+_FIELDS = 12  # MAGIC, kind and the 10 fields of ChunkHeader
+_MAC_WORDS = MAC_BYTES // 8
+HEADER_LEN = _FIELDS + 1 + _MAC_WORDS  # the fields, the check word, the HMAC tag (4 words)
 from ..ops.reference import FF31_PRIME  # noqa: E402 (the check word uses the FF31 prime)
 _TAG_BASE = 1 << 12
 # Above every replication tag (_TAG_BASE + 2 * rank) for worlds under 2**23 ranks, and below
@@ -104,23 +118,41 @@ class ChunkHeader:
     offset: int
     length: int
     checksum: int
+    tag: bytes = field(default=bytes(MAC_BYTES), compare=False, repr=False)  # HMAC-SHA256 (`sealed`)
 
     def _fields(self) -> List[int]:
         return [MAGIC, self.kind, self.stream_generation, self.generation, self.step, self.src,
                 self.index, self.count, self.total_bytes, self.offset, self.length, self.checksum]
 
+    def _mac(self, key: bytes, payload: Optional[torch.Tensor]) -> bytes:
+        h = hmac.new(key, struct.pack(f"<{_FIELDS}q", *self._fields()), hashlib.sha256)
+        if payload is not None and payload.numel():
+            h.update(memoryview(payload.reshape(-1).view(torch.uint8).numpy()))  # GIL released by hashlib
+        return h.digest()
+
+    def sealed(self, key: bytes, payload: Optional[torch.Tensor] = None) -> "ChunkHeader":
+        """This header with its tag: HMAC-SHA256 over the fields (the chunk's FF31 sum included) and
+        `payload` (a verdict's indices; None for chunks and other control words)."""
+        return replace(self, tag=self._mac(key, payload))
+
+    def authentic(self, key: bytes, payload: Optional[torch.Tensor] = None) -> bool:
+        """The tag verifies with `key` over these fields and `payload` (constant-time compare)."""
+        return hmac.compare_digest(self.tag, self._mac(key, payload))
+
     def encode(self) -> torch.Tensor:
-        """The int64[HEADER_LEN] wire form: 11 fields (MAGIC first) and the check word."""
-        fields = self._fields()[:HEADER_LEN - 1]
-        return torch.tensor(fields + [_check(fields)], dtype=torch.int64)
+        """The int64[HEADER_LEN] wire form: the 12 fields (MAGIC first), the check word, the 4 tag words."""
+        fields = self._fields()
+        return torch.tensor(fields + [_check(fields)] + list(struct.unpack(f"<{_MAC_WORDS}q", self.tag)),
+                            dtype=torch.int64)
 
     @classmethod
     def decode(cls, t: torch.Tensor) -> "ChunkHeader":
-        """Parse a received header; StreamError if the magic or the check word is wrong."""
+        """Parse a received header; StreamError if the magic or the check word is wrong. The tag is
+        read, not checked: `authentic` needs the key and, for a chunk, its bytes."""
         vals = [int(v) for v in t.tolist()]
-        if vals[0] != MAGIC or vals[-1] != _check(vals[:-1]):
-            raise StreamError(f"corrupt replication header {vals}")
-        return cls(*vals[1:HEADER_LEN - 1])
+        if len(vals) != HEADER_LEN or vals[0] != MAGIC or vals[_FIELDS] != _check(vals[:_FIELDS]):
+            raise StreamError(f"corrupt replication header {vals[:_FIELDS + 1]}")
+        return cls(*vals[1:_FIELDS], tag=struct.pack(f"<{_MAC_WORDS}q", *vals[_FIELDS + 1:]))
 
     @property
     def version(self) -> tuple:
@@ -211,8 +243,9 @@ class TransportHooks:
     """Fault-injection points, no-ops here; `fftrainer_ds.testing.faults` installs rules.
 
     Called from the transport threads: `before_send` on the source for each chunk (may return
-    other bytes to put on the wire), `before_recv` on the holder before each header recv (may
-    sleep or raise), `after_recv` on the holder after each data recv, before verification.
+    other bytes to put on the wire) and `header_on_wire` right after it (may return another header),
+    `before_recv` on the holder before each header recv (may sleep or raise), `after_recv` on the
+    holder after each data recv, before verification.
     """
 
     def before_send(self, dst: int, header: ChunkHeader, data: torch.Tensor) -> torch.Tensor:
@@ -224,15 +257,21 @@ class TransportHooks:
     def after_recv(self, src: int, header: ChunkHeader, data: torch.Tensor) -> None:
         return None
 
+    def header_on_wire(self, dst: int, header: ChunkHeader) -> ChunkHeader:
+        """On the source, right after `before_send`: the header actually sent (a forgery may replace it)."""
+        return header
+
 
 class OutgoingVersion:
     """One offered snapshot shared by the sender threads of its holders.
 
     Holds the caller's lease and releases it when the last user calls `unref()`. Chunk
-    checksums are computed once, by whichever sender needs them first.
+    checksums are computed once, by whichever sender needs them first. `key`: the key of the
+    headers' tags; None: the job's replication key of the stream generation of each header.
     """
 
-    def __init__(self, ref, chunk_bytes: int, checksum: Callable[[torch.Tensor], int]) -> None:
+    def __init__(self, ref, chunk_bytes: int, checksum: Callable[[torch.Tensor], int],
+                 key: Optional[bytes] = None) -> None:
         self.ref = ref
         self.step = int(ref.step)
         self.generation = int(ref.generation)
@@ -242,6 +281,7 @@ class OutgoingVersion:
         self.count = chunk_count(self.total, chunk_bytes)
         self._checksum = checksum
         self._sums: List[Optional[int]] = [None] * self.count
+        self._key = key
         self._lock = threading.Lock()
         self._refs = 1
 
@@ -250,10 +290,12 @@ class OutgoingVersion:
         return self.buffer[offset:offset + length]
 
     def header(self, i: int, src: int, stream_generation: int) -> ChunkHeader:
-        """The KIND_DATA header of chunk i as sent by rank `src`."""
+        """The sealed KIND_DATA header of chunk i as sent by rank `src` (its tag vouches for the
+        chunk's FF31 sum; a couple of microseconds)."""
         offset, length = chunk_span(i, self.total, self.chunk_bytes)
-        return ChunkHeader(KIND_DATA, stream_generation, self.generation, self.step, src, i, self.count,
-                           self.total, offset, length, self.chunk_sum(i))
+        h = ChunkHeader(KIND_DATA, stream_generation, self.generation, self.step, src, i, self.count,
+                        self.total, offset, length, self.chunk_sum(i))
+        return h.sealed(self._key or job_secret().key(Purpose.REPLICATION, stream_generation))
 
     def chunk_sum(self, i: int) -> int:
         with self._lock:

@@ -1,6 +1,7 @@
 """Snapshot layout (docs/FORMAT.md): plan a layout, finish a header, read and validate a buffer."""
 from __future__ import annotations
 
+import hmac
 import json
 import struct
 import zlib
@@ -10,13 +11,20 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from ..errors import SnapshotError
+from ..secret import Purpose, current as job_secret
 
 MAGIC = b"FFSNAP\x00\x01"
-VERSION = 1
+VERSION = 2  # 2: HMAC-SHA256 in the prefix, JSON meta (1: unauthenticated, pickled meta)
 ALIGN = 64
-PREFIX = struct.Struct("<8sIIQQQQIIII")
-assert PREFIX.size == 64
+# 64 bytes of fields, then the 32-byte HMAC and 32 reserved zero bytes: the manifest stays 64-aligned.
+PREFIX = struct.Struct("<8sIIQQQQIIII32s32x")
+assert PREFIX.size == 128
 _CRC_OFFSET = 12
+_MAC_OFFSET = 64
+_MAC_LEN = 32
+# Segments this small are authenticated byte for byte (besides `meta`, whatever its size): RNG states,
+# counters, small buffers cost microseconds; the big tensors are covered through their FF31 sums.
+FULL_MAC_MAX_BYTES = 64 << 10
 
 _DTYPES: Dict[str, torch.dtype] = {
     "float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -24,6 +32,7 @@ _DTYPES: Dict[str, torch.dtype] = {
     "bool": torch.bool, "uint16": torch.uint16, "uint32": torch.uint32, "uint64": torch.uint64,
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
+_ITEMSIZE = {k: torch.empty(0, dtype=v).element_size() for k, v in _DTYPES.items()}
 
 
 def round_up(n: int, a: int = ALIGN) -> int:
@@ -38,7 +47,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass
 class SegmentInfo:
-    """One payload segment: a tensor (or the `meta` pickle), at `offset` from the payload start."""
+    """One payload segment: a tensor (or the `meta` JSON), at `offset` from the payload start."""
 
     name: str
     dtype: str
@@ -84,18 +93,50 @@ def plan_layout(tensors: Sequence[Tuple[str, torch.Tensor]], fingerprint: str, d
     return layout
 
 
+def _zeroed(prefix: bytes, offset: int, length: int) -> bytes:
+    return prefix[:offset] + bytes(length) + prefix[offset + length:]
+
+
+def _mac_segments(segments: Sequence[SegmentInfo]) -> List[SegmentInfo]:
+    return [s for s in segments if s.name == "meta" or s.nbytes <= FULL_MAC_MAX_BYTES]
+
+
+def snapshot_mac(key: bytes, prefix: bytes, manifest: bytes, payload: torch.Tensor,
+                 segments: Sequence[SegmentInfo]) -> bytes:
+    """HMAC-SHA256 over the prefix (its MAC field zeroed), the manifest (so every FF31 sum) and the
+    bytes of `meta` and of every segment of at most FULL_MAC_MAX_BYTES (`payload`: from payload_off)."""
+    h = hmac.new(key, digestmod="sha256")
+    h.update(_zeroed(prefix, _MAC_OFFSET, _MAC_LEN))
+    h.update(manifest)
+    for seg in _mac_segments(segments):
+        if seg.nbytes:
+            h.update(memoryview(payload[seg.offset:seg.offset + seg.nbytes].numpy()))
+    return h.digest()
+
+
+def snapshot_key() -> bytes:
+    """This job's snapshot key: the same in every generation and every run with the same secret."""
+    return job_secret().key(Purpose.SNAPSHOT)
+
+
 def write_header(buf: torch.Tensor, layout: Layout, checksums: Sequence[int], *, step: int, generation: int,
-                 rank: int, world_size: int, zero_stage: int) -> None:
-    """Write prefix + manifest (with the packed checksums) into buf[:payload_off]."""
+                 rank: int, world_size: int, zero_stage: int, key: Optional[bytes] = None) -> None:
+    """Write prefix + manifest (with the packed checksums and the HMAC) into buf[:payload_off].
+
+    The payload must be packed already (the HMAC covers `meta` and the small segments); `key`: the
+    job's snapshot key by default."""
     for seg, c in zip(layout.segments, checksums):
         seg.checksum = int(c)
     manifest = layout.manifest_bytes()
     assert len(manifest) == layout.manifest_len
     payload_len = layout.total_bytes - layout.payload_off
     prefix = PREFIX.pack(MAGIC, VERSION, 0, len(manifest), payload_len, step, generation, rank, world_size,
-                         zero_stage, 0)
+                         zero_stage, 0, bytes(_MAC_LEN))
     crc = zlib.crc32(manifest, zlib.crc32(prefix))
     prefix = prefix[:_CRC_OFFSET] + struct.pack("<I", crc) + prefix[_CRC_OFFSET + 4:]
+    tag = snapshot_mac(key or snapshot_key(), prefix, manifest, buf[layout.payload_off:layout.total_bytes],
+                       layout.segments)
+    prefix = prefix[:_MAC_OFFSET] + tag + prefix[_MAC_OFFSET + _MAC_LEN:]  # after the CRC: it covers zeros here
     head = prefix + manifest + bytes(layout.payload_off - PREFIX.size - len(manifest))
     buf[:layout.payload_off].copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
 
@@ -142,16 +183,18 @@ def _as_uint8(buf: BufferLike) -> torch.Tensor:
 
 
 def read_snapshot(buf: BufferLike, source: str = "<memory>", verify: bool = True,
-                  backend: Optional[str] = None) -> ParsedSnapshot:
-    """Parse and validate a snapshot; raise SnapshotError naming `source` on any defect."""
-    from .. import ops
+                  backend: Optional[str] = None, key: Optional[bytes] = None) -> ParsedSnapshot:
+    """Parse and validate a snapshot; raise SnapshotError naming `source` on any defect.
 
+    Checks, in this order: framing, header CRC, manifest, layout and zero padding, every segment's
+    FF31 sum (`verify`; corruption is named as such), then the HMAC with `key` (default: this job's
+    snapshot key), so a snapshot of another job or an edited one is refused."""
     data = _as_uint8(buf)
     n = data.numel()
     if n < PREFIX.size:
         raise SnapshotError(f"{source}: truncated snapshot ({n} bytes, smaller than the {PREFIX.size}-byte prefix)")
     prefix = bytes(data[:PREFIX.size].numpy())
-    magic, version, crc, manifest_len, payload_len, step, gen, rank, world, stage, _ = PREFIX.unpack(prefix)
+    magic, version, crc, manifest_len, payload_len, step, gen, rank, world, stage, _, tag = PREFIX.unpack(prefix)
     if magic != MAGIC:
         raise SnapshotError(f"{source}: not an fftrainer_ds snapshot (bad magic {magic!r})")
     if version != VERSION:
@@ -160,37 +203,67 @@ def read_snapshot(buf: BufferLike, source: str = "<memory>", verify: bool = True
     if n < PREFIX.size + manifest_len:
         raise SnapshotError(f"{source}: truncated snapshot (manifest needs {PREFIX.size + manifest_len} bytes, have {n})")
     manifest = bytes(data[PREFIX.size:PREFIX.size + manifest_len].numpy())
-    zeroed = prefix[:_CRC_OFFSET] + b"\x00\x00\x00\x00" + prefix[_CRC_OFFSET + 4:]
+    zeroed = _zeroed(prefix, _CRC_OFFSET, 4)
+    zeroed = _zeroed(zeroed, _MAC_OFFSET, _MAC_LEN)  # the CRC is computed before the HMAC is written
     if zlib.crc32(manifest, zlib.crc32(zeroed)) != crc:
         raise SnapshotError(f"{source}: header checksum mismatch (corrupt prefix or manifest)")
     if n < payload_off + payload_len:
         raise SnapshotError(f"{source}: truncated snapshot ({n} bytes, header says {payload_off + payload_len})")
     if n > payload_off + payload_len:
         raise SnapshotError(f"{source}: {n - payload_off - payload_len} unexpected bytes after the payload")
-    try:
-        doc = json.loads(manifest)
-        segs = [SegmentInfo(s["name"], s["dtype"], tuple(s["shape"]), int(s["offset"]), int(s["nbytes"]),
-                            int(s["checksum"], 16)) for s in doc["segments"]]
-        fingerprint, dtype_config = doc["fingerprint"], doc["dtype_config"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise SnapshotError(f"{source}: malformed manifest ({exc})") from None
+    segs, fingerprint, dtype_config = _parse_manifest(manifest, source)
     parsed = ParsedSnapshot(step, gen, rank, world, stage, fingerprint, dtype_config, segs,
                             data[:payload_off + payload_len], payload_off)
-    # Every byte is covered: padding (after the manifest, between segments) must be zero.
+    _check_layout(parsed, manifest_len, payload_len, source)
+    if verify:
+        _check_sums(parsed, source, backend)
+    payload = data[payload_off:payload_off + payload_len]
+    if not hmac.compare_digest(tag, snapshot_mac(key or snapshot_key(), prefix, manifest, payload, segs)):
+        raise SnapshotError(f"{source}: snapshot authentication failed (HMAC mismatch): written by a job with "
+                            f"another secret, or edited after it was written; a snapshot restores only under the "
+                            f"secret that wrote it (fftrainer-launch --secret-file / FFTRAINER_SECRET_FILE)")
+    return parsed
+
+
+def _parse_manifest(manifest: bytes, source: str) -> Tuple[List[SegmentInfo], str, str]:
+    try:
+        doc = json.loads(manifest)
+        segs = [SegmentInfo(str(s["name"]), str(s["dtype"]), tuple(int(d) for d in s["shape"]), int(s["offset"]),
+                            int(s["nbytes"]), int(s["checksum"], 16)) for s in doc["segments"]]
+        fingerprint, dtype_config = str(doc["fingerprint"]), str(doc["dtype_config"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SnapshotError(f"{source}: malformed manifest ({exc})") from None
+    return segs, fingerprint, dtype_config
+
+
+def _check_layout(parsed: ParsedSnapshot, manifest_len: int, payload_len: int, source: str) -> None:
+    """Segments in order, inside the payload, sized as their shape says; every padding byte zero."""
+    data, payload_off = parsed.buffer, parsed.payload_off
     gaps, end = [(PREFIX.size + manifest_len, payload_off)], 0
-    for seg in segs:
-        if seg.dtype not in _DTYPES or seg.offset < end or seg.offset + seg.nbytes > payload_len:
-            raise SnapshotError(f"{source}: segment {seg.name!r} overlaps another, lies outside the payload "
-                                f"or has a bad dtype")
+    for seg in parsed.segments:
+        if seg.dtype not in _DTYPES or seg.offset < end or seg.offset + seg.nbytes > payload_len \
+                or any(d < 0 for d in seg.shape) or seg.nbytes != _numel(seg.shape) * _ITEMSIZE[seg.dtype]:
+            raise SnapshotError(f"{source}: segment {seg.name!r} overlaps another, lies outside the payload, "
+                                f"has a bad dtype or a size that does not match its shape")
         gaps.append((payload_off + end, payload_off + seg.offset))
         end = seg.offset + seg.nbytes
     for lo, hi in gaps:
         if hi > lo and bool(data[lo:hi].any()):
             raise SnapshotError(f"{source}: non-zero padding bytes at offsets {lo}..{hi} (corrupt snapshot)")
-    for seg in segs:
-        if verify:
-            got = ops.checksum(parsed.segment_bytes(seg), backend)
-            if got != seg.checksum:
-                raise SnapshotError(f"{source}: checksum mismatch in segment {seg.name!r} "
-                                    f"(stored {seg.checksum:016x}, computed {got:016x})")
-    return parsed
+
+
+def _numel(shape: Tuple[int, ...]) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
+
+
+def _check_sums(parsed: ParsedSnapshot, source: str, backend: Optional[str]) -> None:
+    from .. import ops
+
+    for seg in parsed.segments:
+        got = ops.checksum(parsed.segment_bytes(seg), backend)
+        if got != seg.checksum:
+            raise SnapshotError(f"{source}: checksum mismatch in segment {seg.name!r} "
+                                f"(stored {seg.checksum:016x}, computed {got:016x})")

@@ -8,6 +8,11 @@ smallest N with overhead <= budget, i.e. N = ceil(cost_s / (budget * base_s)), f
   flight during it (with the async packer, step N's pack inflates step N+1: pass True for N+1).
   Two EMAs (with / without) give base_s and cost_s = max(0, with - without).
 - `observe_cost(cost_s)`: a direct measurement of the inflation, when the caller has one.
+- `observe_pack(pack_s)`: one pack's duration timed on the device where it ran (the CUDA packer's
+  start and completion events; the host packer reports none). A pack on a side stream inflates the
+  step it overlaps by at most its own duration, so cost_s = min(pack_s, with - without), and pack_s
+  alone until the with/without estimate exists: on a GPU the host's step clock is only as good as
+  the syncs that bound it, the pack's events are exact.
 
 At interval 1 every step carries a snapshot, so no baseline would ever be seen: `should_snapshot`
 then skips one snapshot every `probe_every` steps to refresh it (every other step until
@@ -20,10 +25,13 @@ optimizer steps a failure can lose (the snapshot of step k commits while step k+
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Dict, Optional, Union
 
 from ..errors import ConfigError
+
+logger = logging.getLogger("fftrainer_ds")
 
 
 class FixedInterval:
@@ -41,6 +49,9 @@ class FixedInterval:
         """Fixed: measurements change nothing."""
 
     def observe_cost(self, cost_s: float) -> None:
+        """Fixed: measurements change nothing."""
+
+    def observe_pack(self, pack_s: float) -> None:
         """Fixed: measurements change nothing."""
 
     @property
@@ -69,6 +80,7 @@ class AutoInterval:
         self._with: Optional[float] = None     # EMA of step time with a snapshot in flight
         self._without: Optional[float] = None  # EMA of step time without
         self._cost: Optional[float] = None     # EMA of directly observed cost
+        self._pack: Optional[float] = None     # EMA of device-timed pack durations
         self._n_with = self._n_without = 0
         self._since_baseline = 0
 
@@ -96,6 +108,12 @@ class AutoInterval:
             self._cost = self._ema(self._cost, cost_s)
             self._update()
 
+    def observe_pack(self, pack_s: float) -> None:
+        """Seconds one pack took on the device (an upper bound of the inflation it causes)."""
+        if pack_s >= 0 and not math.isinf(pack_s):
+            self._pack = self._ema(self._pack, pack_s)
+            self._update()
+
     @property
     def base_s(self) -> Optional[float]:
         """Estimated step time without snapshots."""
@@ -105,12 +123,16 @@ class AutoInterval:
 
     @property
     def cost_s(self) -> Optional[float]:
-        """Estimated inflation per snapshot: the direct measurement if any, else with - without."""
+        """Estimated inflation per snapshot: the direct measurement if any, else with - without, capped
+        by the device-timed pack duration when there is one."""
         if self._cost is not None:
             return self._cost
+        inflation = None
         if self.base_s is not None and self._with is not None and self._n_with >= self.min_samples:
-            return max(0.0, self._with - self.base_s)
-        return None
+            inflation = max(0.0, self._with - self.base_s)
+        if self._pack is None:
+            return inflation
+        return self._pack if inflation is None else min(self._pack, inflation)
 
     # ---- decision ----
     def overhead(self, interval: int) -> Optional[float]:
@@ -136,6 +158,9 @@ class AutoInterval:
             if lower < self.interval:
                 new = lower
         if new != self.interval:
+            logger.info("fftrainer_ds: snapshot interval %d -> %d steps (RPO %d steps): snapshot cost %.2f ms%s, "
+                        "step %.1f ms, budget %.2f%%", self.interval, new, new, 1e3 * self.cost_s,
+                        " (device-timed pack)" if self._pack is not None else "", 1e3 * self.base_s, 100 * self.budget)
             self.interval = new
             self.changes += 1
 
@@ -159,7 +184,8 @@ class AutoInterval:
         over = self.overhead(self.interval)
         return {"policy": "auto", "interval_steps": self.interval, "rpo_steps": self.rpo_steps,
                 "budget_pct": self.budget * 100, "predicted_overhead_pct": None if over is None else over * 100,
-                "base_step_s": self.base_s, "snapshot_cost_s": self.cost_s, "interval_changes": self.changes}
+                "base_step_s": self.base_s, "snapshot_cost_s": self.cost_s, "device_pack_s": self._pack,
+                "interval_changes": self.changes}
 
 
 def make_interval_policy(interval_steps: Union[int, str], budget_pct: float) -> Union[FixedInterval, AutoInterval]:

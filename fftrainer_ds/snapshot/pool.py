@@ -32,6 +32,13 @@ def alloc_host(nbytes: int, pin: bool) -> torch.Tensor:
     """A host uint8 buffer: CUDA-pinned when CUDA is available, else mlock'ed when permitted."""
     # Zeroed: packers write segments only, and the format requires zero padding between them;
     # zeroing also faults the pages in now rather than during the first pack.
+    # Called only when SnapshotPool creates a slot (at most max_buffers) or grows one (a bigger
+    # snapshot, with 1/8 slack), never per step: page-locking costs milliseconds per GB, and the
+    # slots are reused for the job's lifetime. On CUDA this is torch's caching host allocator, so even
+    # a grown slot's old buffer is kept and reused rather than unpinned. The CUDA packer keeps its
+    # pinned checksum buffer across packs (ops/cuda_packer.py); the few-KB segment tables the native
+    # plan and the Triton kernel upload per pack come from the same caching allocator, which hands
+    # back its cached page-locked blocks: after the first steps no page is locked per step.
     if pin and torch.cuda.is_available():
         return torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True)
     buf = torch.zeros(nbytes, dtype=torch.uint8)
