@@ -5,34 +5,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-import numpy as np
-import random
-
-import fftrainer_ds
 from fftrainer_ds.ds import adapter as ds_adapter
-from fftrainer_ds.failover.rebuild import RebuildSpec
 from fftrainer_ds.runtime import GenerationView
-from fftrainer_ds.testing import worker_init_process_group
-from fftrainer_ds.testing.models import TinyGPT, TokenDataset, ds_config
 from tests._workers_snapshot import _digest, _engine, _train
-
-
-def _engine_with_spec(stage, dtype, grad_accum):
-    """As _workers_snapshot._engine, plus the rebuild spec fftrainer-launch would capture."""
-    ds_adapter.skip_shm_comm_build()
-    worker_init_process_group()
-    torch.manual_seed(0)
-    random.seed(0)
-    np.random.seed(0)
-    model = TinyGPT(dropout=0.1)
-    cfg = ds_config(stage, dtype, grad_accum=grad_accum, fast_failover={})
-    params = list(model.parameters())
-    spec = RebuildSpec(dict(args=None, model=model, optimizer=None, model_parameters=params, lr_scheduler=None,
-                            mpu=None, dist_init_required=None, collate_fn=None, config=cfg))
-    spec.prepare()
-    engine, _, loader, _ = fftrainer_ds.initialize(model=model, model_parameters=params,
-                                                   training_data=TokenDataset(), config=cfg)
-    return engine, loader, spec
 
 
 def _new_generation(gen: int) -> None:
@@ -45,7 +20,9 @@ def _new_generation(gen: int) -> None:
 
 def regroup_midway(stage, dtype="fp32", grad_accum=1, steps=20, at_step=10, rollback=0):
     """Train; at `at_step` regroup in place, rebuild engines, restore own snapshot, continue."""
-    engine, loader, spec = _engine_with_spec(stage, dtype, grad_accum)
+    specs = []
+    engine, loader = _engine(stage, dtype, grad_accum, {}, spec_out=specs)
+    spec = specs[0]
     it = iter(loader)
     losses = _train(engine, it, at_step)
     ref = engine.latest_snapshot()

@@ -14,7 +14,8 @@ from fftrainer_ds.testing import worker_init_process_group
 from fftrainer_ds.testing.models import TinyGPT, TokenDataset, ds_config
 
 
-def _engine(stage, dtype, grad_accum, ff):
+def _engine(stage, dtype, grad_accum, ff, spec_out=None):
+    """`spec_out` (a list): receives the rebuild spec fftrainer-launch would capture before initialize."""
     ds_adapter.skip_shm_comm_build()
     worker_init_process_group()
     torch.manual_seed(0)
@@ -22,7 +23,15 @@ def _engine(stage, dtype, grad_accum, ff):
     np.random.seed(0)  # unseeded, numpy's state differs per process and is part of the snapshot
     model = TinyGPT(dropout=0.1)
     cfg = ds_config(stage, dtype, grad_accum=grad_accum, fast_failover=ff)
-    engine, _, loader, _ = fftrainer_ds.initialize(model=model, model_parameters=model.parameters(),
+    params = list(model.parameters())
+    if spec_out is not None:
+        from fftrainer_ds.failover.rebuild import RebuildSpec
+
+        spec = RebuildSpec(dict(args=None, model=model, optimizer=None, model_parameters=params, lr_scheduler=None,
+                                mpu=None, dist_init_required=None, collate_fn=None, config=cfg))
+        spec.prepare()
+        spec_out.append(spec)
+    engine, _, loader, _ = fftrainer_ds.initialize(model=model, model_parameters=params,
                                                    training_data=TokenDataset(), config=cfg)
     return engine, loader
 
